@@ -1,0 +1,36 @@
+"""The `ickd` command: `ickd train ...` (a Hydra app) and `ickd demo`."""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: ickd <command> [args]
+
+commands:
+  train [hydra overrides]   train one run (teacher, student, any paradigm); `ickd train --help` lists config groups
+  demo [--out DIR]          the main job: Fashion-MNIST teacher, then CE / KD / IC-KD students, and a comparison table
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        # Hydra parses sys.argv itself; present it as `ickd train` to keep its help text right.
+        sys.argv = [f"{sys.argv[0]} train", *rest]
+        from ickd.train import main as train_main
+
+        train_main()
+    elif command == "demo":
+        from ickd.demo import main as demo_main
+
+        demo_main(rest)
+    else:
+        print(f"ickd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Config groups generated from the registries, so `teacher=`, `student=` and `model=` accept every
+registered architecture (and `--help` lists them) without one YAML file per model and group."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+
+from ickd.models import list_models
+
+_registered = False
+
+
+def config_dir() -> Path:
+    """The top-level ``configs/`` folder (ICKD_CONFIG_DIR overrides it)."""
+    import os
+
+    env = os.environ.get("ICKD_CONFIG_DIR")
+    if env:
+        return Path(env).resolve()
+    return (Path(__file__).resolve().parent.parent / "configs").resolve()
+
+
+def register_model_groups() -> None:
+    global _registered
+    if _registered:
+        return
+    cs = ConfigStore.instance()
+    for name in list_models():
+        cs.store(group="teacher", name=name, node={"name": name, "checkpoint": None, "kwargs": {}})
+        cs.store(group="student", name=name, node={"name": name, "kwargs": {}})
+        cs.store(group="model", name=name, node={"name": name, "kwargs": {}})
+    _registered = True

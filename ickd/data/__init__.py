@@ -1,0 +1,47 @@
+"""Datasets returning (image, label, index) batches; a GPU-resident fast path for small datasets.
+
+    from ickd.data import build_data
+    bundle = build_data("cifar100", root="/data", train_subset=None, seed=0)
+    loader = bundle.train_loader(64, device="cuda")
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for x, y, idx in loader: ...
+
+Registered datasets: cifar100, cifar10, fashion_mnist, imagenet, synthetic (see ``DATASETS``).
+"""
+from ickd.data.augment import normalize, normalize_constants, random_crop_flip
+from ickd.data.base import (
+    DATASETS,
+    DEFAULT_DATA_ROOT,
+    DataBundle,
+    Loader,
+    TensorBundle,
+    build_data,
+    resolve_root,
+    stratified_subset,
+)
+from ickd.data.loader import AugmentSpec, InMemoryLoader, derive_seed, epoch_generator
+
+# Importing the dataset modules registers them in DATASETS.
+from ickd.data import cifar, fashion_mnist, imagenet, synthetic  # noqa: E402,F401  isort: skip
+from ickd.data.imagenet import FolderLoader, ImageFolderBundle  # noqa: E402
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_DATA_ROOT",
+    "AugmentSpec",
+    "DataBundle",
+    "FolderLoader",
+    "ImageFolderBundle",
+    "InMemoryLoader",
+    "Loader",
+    "TensorBundle",
+    "build_data",
+    "derive_seed",
+    "epoch_generator",
+    "normalize",
+    "normalize_constants",
+    "random_crop_flip",
+    "resolve_root",
+    "stratified_subset",
+]

@@ -1,0 +1,133 @@
+"""Turn the ``teacher`` / ``student`` / ``model`` / ``distill`` / ``paradigm`` / ``memory`` config
+sections into a ready :class:`Distiller`, with every inconsistency reported before training starts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ickd.distill.methods import LossMethod, create_method
+from ickd.distill.paradigms import (
+    PARADIGMS,
+    Distiller,
+    OfflineDistiller,
+    OnlineDistiller,
+    RetrievalSpec,
+    TeacherFreeDistiller,
+)
+from ickd.errors import ConfigError
+from ickd.memory import MemoryBank
+from ickd.models import create_model, load_pretrained
+
+FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _build_net(spec: Mapping[str, Any], num_classes: int, in_channels: int) -> nn.Module:
+    return create_model(str(spec["name"]), num_classes, in_channels=in_channels, **dict(spec.get("kwargs") or {}))
+
+
+def resolve_checkpoint_path(path: str) -> Path:
+    """Accept a checkpoint file or an ickd run folder (its ``checkpoints/best.pt``)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "best.pt", p / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise ConfigError(f"teacher.checkpoint={path} is a folder without checkpoints/best.pt; point it at a .pt/.pth file or at an ickd teacher run folder")
+    return p
+
+
+def build_teacher(cfg: Mapping[str, Any], num_classes: int, in_channels: int) -> nn.Module:
+    spec = cfg["teacher"]
+    ckpt = spec.get("checkpoint")
+    if not ckpt:
+        raise ConfigError(
+            f"offline distillation with distill={cfg['distill']['name']} needs a trained teacher, but teacher.checkpoint is not set. "
+            f"Train one with `ickd train stage=teacher model={spec['name']} dataset={cfg['dataset']['name']}` and pass "
+            "teacher.checkpoint=<its run folder or checkpoints/best.pt>, or use a published CIFAR-100 teacher file (README)."
+        )
+    teacher = _build_net(spec, num_classes, in_channels)
+    load_pretrained(teacher, str(resolve_checkpoint_path(str(ckpt))), strict=True)
+    return teacher
+
+
+def build_bank(cfg: Mapping[str, Any], num_samples: int, feature_dim: int, num_classes: int, device: torch.device, seed: int) -> MemoryBank:
+    mem = cfg["memory"]
+    dtype_name = str(mem.get("feature_dtype", "float32"))
+    if dtype_name not in FEATURE_DTYPES:
+        raise ConfigError(f"memory.feature_dtype={dtype_name!r} is not one of {sorted(FEATURE_DTYPES)}")
+    retriever_kwargs = {k: mem[k] for k in ("nlist", "nprobe", "use_gpu") if mem.get(k) is not None}
+    bank = MemoryBank(
+        num_samples=num_samples,
+        feature_dim=feature_dim,
+        num_logits=num_classes,
+        size=mem.get("size"),
+        subset=str(mem.get("subset", "fifo")),
+        update=str(mem.get("update", "overwrite")),
+        momentum=float(mem.get("momentum", 0.9)),
+        retriever=str(mem.get("backend", "torch")),
+        retriever_kwargs=retriever_kwargs,
+        feature_dtype=FEATURE_DTYPES[dtype_name],
+        device=device,
+        seed=seed,
+    )
+    spec = retrieval_spec(cfg)
+    bank.check_k(spec.k, k_pos=spec.k_pos, k_neg=spec.k_neg, split=spec.split)
+    return bank
+
+
+def retrieval_spec(cfg: Mapping[str, Any]) -> RetrievalSpec:
+    mem = cfg["memory"]
+    split = str(mem.get("split", "topk"))
+    k_pos = mem.get("k_pos") if split == "separate" else None
+    k_neg = mem.get("k_neg") if split == "separate" else None
+    k = int(mem["k"]) if split != "separate" else int(k_pos or 0) + int(k_neg or 0)
+    return RetrievalSpec(k=k, split=split, k_pos=k_pos, k_neg=k_neg)
+
+
+def build_distiller(cfg: Mapping[str, Any], num_classes: int, in_channels: int, num_train: int, device: torch.device) -> Distiller:
+    """Build the distiller of a run. ``stage=teacher`` trains ``model`` (or the teacher architecture) with CE."""
+    stage = str(cfg.get("stage", "student"))
+    seed = int(cfg.get("seed", 0))
+    if stage == "teacher":
+        spec = cfg.get("model") or cfg["teacher"]
+        net = _build_net(spec, num_classes, in_channels)
+        method = create_method({"name": "ce", "ce_weight": 1.0})
+        return OfflineDistiller(net, method, None, teacher=None, bank=None).to(device)
+    if stage != "student":
+        raise ConfigError(f"stage={stage!r} is not valid; use stage=student (distil a student) or stage=teacher (train a teacher with CE)")
+
+    method: LossMethod = create_method(cfg["distill"])
+    paradigm = str(cfg["paradigm"]["name"])
+    PARADIGMS.get(paradigm)  # clear error listing valid paradigms
+    student = _build_net(cfg["student"], num_classes, in_channels)
+    retrieval = retrieval_spec(cfg) if method.needs_bank else None
+    fill_pass = str(cfg["memory"].get("fill", "pass")) == "pass"
+
+    if paradigm == "offline":
+        teacher = build_teacher(cfg, num_classes, in_channels) if method.needs_teacher else None
+        bank = None
+        if method.needs_bank:
+            bank = build_bank(cfg, num_train, teacher.feature_dim, num_classes, device, seed)
+        return OfflineDistiller(student, method, retrieval, teacher=teacher, bank=bank, fill_pass=fill_pass).to(device)
+
+    if paradigm == "online":
+        peer = _build_net(cfg["teacher"], num_classes, in_channels)
+        banks = None
+        if method.needs_bank:
+            banks = {
+                "student": build_bank(cfg, num_train, student.feature_dim, num_classes, device, seed),
+                "peer": build_bank(cfg, num_train, peer.feature_dim, num_classes, device, seed + 1),
+            }
+        return OnlineDistiller(student, method, retrieval, peer=peer, banks=banks).to(device)
+
+    # teacher_free
+    source = str(cfg["paradigm"].get("bank_source", "ema"))
+    if source not in ("self", "ema"):
+        raise ConfigError(f"paradigm.bank_source={source!r} is not valid; use self or ema")
+    bank = build_bank(cfg, num_train, student.feature_dim, num_classes, device, seed) if method.needs_bank else None
+    return TeacherFreeDistiller(
+        student, method, retrieval, bank=bank, source=source, ema_decay=float(cfg["paradigm"].get("ema_decay", 0.999))
+    ).to(device)

@@ -1,0 +1,259 @@
+"""Distillers: one per paradigm (offline, online, teacher-free), each combining any loss method.
+
+A distiller owns the networks of a run and its memory banks. Its ``forward_train`` returns the
+student's logits, a dict of weighted loss components (the total is their sum) and retrieval
+statistics; the trainer only optimises ``trainable_parameters()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ickd.distill.methods import LossMethod
+from ickd.memory import MemoryBank, Neighbours
+from ickd.registry import Registry
+
+PARADIGMS: Registry[type["Distiller"]] = Registry("paradigm")
+
+
+@dataclass
+class RetrievalSpec:
+    k: int
+    split: str = "topk"
+    k_pos: int | None = None
+    k_neg: int | None = None
+
+    def retrieve(self, bank: MemoryBank, feats: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor | None) -> Neighbours:
+        return bank.retrieve(
+            feats, self.k, labels, exclude_indices=idx, split=self.split, k_pos=self.k_pos, k_neg=self.k_neg
+        )
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def retrieval_stats(nb: Neighbours, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Fraction of same-class neighbours and mean neighbour similarity (device tensors, no sync)."""
+    valid = nb.valid.float()
+    count = valid.sum().clamp_min(1.0)
+    return {
+        f"{prefix}pos_frac": (nb.positive.float() * valid).sum() / count,
+        f"{prefix}nb_sim": (nb.sims.float() * valid).sum() / count,
+        f"{prefix}no_pos_frac": (nb.positive.sum(dim=1) == 0).float().mean(),
+    }
+
+
+class Distiller(nn.Module):
+    def __init__(self, student: nn.Module, method: LossMethod, retrieval: RetrievalSpec | None) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+        self.retrieval = retrieval
+        self.banks: dict[str, MemoryBank] = {}
+
+    # --- what the trainer uses -------------------------------------------------------------
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return self.student.parameters()
+
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> StepOutput:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (EMA updates)."""
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Models evaluated each epoch; the first is the run's reported model."""
+        return {"student": self.student}
+
+    def bank_fill_source(self) -> nn.Module | None:
+        """The network whose no-grad pass fills the bank before training (None: fill online)."""
+        return None
+
+    @torch.no_grad()
+    def fill_banks(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        source = self.bank_fill_source()
+        if source is None or not self.banks:
+            return
+        bank = next(iter(self.banks.values()))
+        for x, y, idx in batches:
+            logits, feats = source(x)
+            bank.fill(idx, feats.float(), logits.float(), y)
+
+    def write_bank(self, bank: MemoryBank, epoch: int, idx, feats, logits, labels) -> None:
+        """Store the batch's outputs: ``fill`` while an online-filled bank is still being built
+        (the first epoch, so even ``memory.update=frozen`` banks get filled), else ``update``."""
+        if epoch == 0 and self.bank_fill_source() is None:
+            bank.fill(idx, feats, logits, labels)
+        else:
+            bank.update(idx, feats, logits, labels)
+
+    def bank_stats(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, bank in self.banks.items():
+            for key, value in bank.stats().items():
+                out[f"bank_{key}" if len(self.banks) == 1 else f"bank_{name}_{key}"] = value
+        return out
+
+    # --- checkpointing -----------------------------------------------------------------------
+    def training_state(self) -> dict[str, Any]:
+        """What must be saved to resume exactly (frozen teachers are reloaded from their file)."""
+        state: dict[str, Any] = {"student": self.student.state_dict()}
+        state["banks"] = {name: bank.state_dict() for name, bank in self.banks.items()}
+        return state
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        for name, bank in self.banks.items():
+            bank.load_state_dict(state["banks"][name])
+
+
+@PARADIGMS.register("offline")
+class OfflineDistiller(Distiller):
+    """A frozen, pre-trained teacher feeds the loss and the bank (also: plain training if no teacher)."""
+
+    def __init__(self, student, method, retrieval, teacher: nn.Module | None, bank: MemoryBank | None, fill_pass: bool = True):
+        super().__init__(student, method, retrieval)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        if bank is not None:
+            self.banks["teacher"] = bank
+        self.fill_pass = fill_pass
+
+    def train(self, mode: bool = True) -> "OfflineDistiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: BN statistics must not drift
+        return self
+
+    def bank_fill_source(self):
+        return self.teacher if self.fill_pass else None
+
+    def forward_train(self, x, y, idx, epoch):
+        teacher_logits = teacher_feats = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits, teacher_feats = self.teacher(x)
+        logits, _ = self.student(x)
+        nb, stats = None, {}
+        bank = self.banks.get("teacher")
+        if bank is not None:
+            nb = self.retrieval.retrieve(bank, teacher_feats.float(), y, idx)
+            stats = retrieval_stats(nb)
+        losses = self.method(logits, teacher_logits, y, nb, epoch)
+        if bank is not None:
+            self.write_bank(bank, epoch, idx, teacher_feats.float(), teacher_logits.float(), y)
+        return StepOutput(logits, losses, stats)
+
+
+@PARADIGMS.register("online")
+class OnlineDistiller(Distiller):
+    """DML-style: two peers trained together, each the other's teacher and each the other's bank."""
+
+    def __init__(self, student, method, retrieval, peer: nn.Module, banks: dict[str, MemoryBank] | None):
+        super().__init__(student, method, retrieval)
+        self.peer = peer
+        self.banks.update(banks or {})
+
+    def trainable_parameters(self):
+        return list(self.student.parameters()) + list(self.peer.parameters())
+
+    def eval_models(self):
+        return {"student": self.student, "peer": self.peer}
+
+    def forward_train(self, x, y, idx, epoch):
+        logits_s, feats_s = self.student(x)
+        logits_p, feats_p = self.peer(x)
+        feats_s, feats_p = feats_s.detach().float(), feats_p.detach().float()
+        nb_s = nb_p = None
+        stats: dict[str, torch.Tensor] = {}
+        if self.banks:
+            # The student retrieves from the peer's bank with the peer's features of the batch (the
+            # bank's own feature space), and vice versa.
+            nb_s = self.retrieval.retrieve(self.banks["peer"], feats_p, y, idx)
+            nb_p = self.retrieval.retrieve(self.banks["student"], feats_s, y, idx)
+            stats = {**retrieval_stats(nb_s), **retrieval_stats(nb_p, "peer_")}
+        losses = self.method(logits_s, logits_p.detach(), y, nb_s, epoch)
+        for name, value in self.method(logits_p, logits_s.detach(), y, nb_p, epoch).items():
+            losses[f"peer_{name}"] = value
+        if self.banks:
+            self.write_bank(self.banks["student"], epoch, idx, feats_s, logits_s.detach().float(), y)
+            self.write_bank(self.banks["peer"], epoch, idx, feats_p, logits_p.detach().float(), y)
+        return StepOutput(logits_s, losses, stats)
+
+    def training_state(self):
+        state = super().training_state()
+        state["peer"] = self.peer.state_dict()
+        return state
+
+    def load_training_state(self, state):
+        super().load_training_state(state)
+        self.peer.load_state_dict(state["peer"])
+
+
+@PARADIGMS.register("teacher_free")
+class TeacherFreeDistiller(Distiller):
+    """Self-distillation: the student's own detached outputs (or an EMA copy's) are the teacher."""
+
+    def __init__(self, student, method, retrieval, bank: MemoryBank | None, source: str = "ema", ema_decay: float = 0.999):
+        super().__init__(student, method, retrieval)
+        if bank is not None:
+            self.banks["self"] = bank
+        self.source = source
+        self.ema: AveragedModel | None = None
+        if source == "ema":
+            self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ema is not None:
+            self.ema.eval()
+        return self
+
+    def forward_train(self, x, y, idx, epoch):
+        logits, feats = self.student(x)
+        if self.ema is not None:
+            with torch.no_grad():
+                t_logits, t_feats = self.ema(x)
+        else:
+            t_logits, t_feats = logits.detach(), feats.detach()
+        nb, stats = None, {}
+        bank = self.banks.get("self")
+        if bank is not None:
+            nb = self.retrieval.retrieve(bank, t_feats.float(), y, idx)
+            stats = retrieval_stats(nb)
+        losses = self.method(logits, t_logits, y, nb, epoch)
+        if bank is not None:
+            self.write_bank(bank, epoch, idx, t_feats.float(), t_logits.float(), y)
+        return StepOutput(logits, losses, stats)
+
+    def after_step(self):
+        if self.ema is not None:
+            self.ema.update_parameters(self.student)
+
+    def eval_models(self):
+        models = {"student": self.student}
+        if self.ema is not None:
+            models["ema"] = self.ema
+        return models
+
+    def training_state(self):
+        state = super().training_state()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_training_state(self, state):
+        super().load_training_state(state)
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])

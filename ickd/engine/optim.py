@@ -1,0 +1,64 @@
+"""Optimiser and learning-rate schedule from the ``optim`` config section."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ickd.errors import ConfigError
+
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    name = str(cfg.get("name", "sgd"))
+    lr = float(cfg["lr"])
+    if lr <= 0:
+        raise ConfigError(f"optim.lr={lr} must be > 0")
+    if name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=float(cfg.get("momentum", 0.9)),
+            nesterov=bool(cfg.get("nesterov", False)),
+            weight_decay=float(cfg.get("weight_decay", 0.0)),
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)))
+    raise ConfigError(f"optim.name={name!r} is not valid; use sgd or adamw")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-epoch schedule (stepped once per epoch), with an optional linear warm-up."""
+    kind = str(cfg.get("schedule", "multistep"))
+    warmup = int(cfg.get("warmup_epochs", 0))
+    if kind == "multistep":
+        milestones = sorted(int(m) for m in cfg.get("milestones", []))
+        gamma = float(cfg.get("gamma", 0.1))
+
+        def factor(epoch: int) -> float:
+            return gamma ** sum(epoch >= m for m in milestones)
+
+    elif kind == "cosine":
+        min_factor = float(cfg.get("min_lr_factor", 0.0))
+
+        def factor(epoch: int) -> float:
+            span = max(1, epochs - warmup)
+            t = min(1.0, max(0.0, (epoch - warmup) / span))
+            return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    elif kind == "constant":
+
+        def factor(epoch: int) -> float:
+            return 1.0
+
+    else:
+        raise ConfigError(f"optim.schedule={kind!r} is not valid; use one of {', '.join(SCHEDULES)}")
+
+    def with_warmup(epoch: int) -> float:
+        if warmup > 0 and epoch < warmup:
+            return (epoch + 1) / warmup
+        return factor(epoch)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, with_warmup)

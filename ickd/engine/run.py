@@ -1,0 +1,89 @@
+"""Build everything a run needs from its (Hydra-composed) config and train it.
+
+This is the core's public entry point: ``ickd train`` calls it, and sweeps, launchers and trackers
+(later layers) call it too, passing their callbacks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ickd.data import build_data
+from ickd.distill import build_distiller
+from ickd.engine.callbacks import Callback
+from ickd.engine.checkpoint import atomic_write_text
+from ickd.engine.trainer import Trainer, TrainerConfig, resolve_device, seed_everything
+from ickd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def to_container(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def run_name(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("name"):
+        return str(cfg["name"])
+    if cfg.get("stage") == "teacher":
+        model = (cfg.get("model") or cfg["teacher"])["name"]
+        return f"teacher-{model}-{cfg['dataset']['name']}"
+    return f"{cfg['distill']['name']}-{cfg['paradigm']['name']}-{cfg['student']['name']}-{cfg['dataset']['name']}"
+
+
+def build_data_from_config(cfg: Mapping[str, Any]):
+    ds = cfg["dataset"]
+    return build_data(
+        str(ds["name"]),
+        root=ds.get("root"),
+        download=bool(ds.get("download", False)),
+        train_subset=ds.get("train_subset"),
+        val_subset=ds.get("val_subset"),
+        seed=int(ds.get("subset_seed", 0)),
+        **dict(ds.get("kwargs") or {}),
+    )
+
+
+def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Train the run described by ``cfg`` into ``out_dir``; returns the summary (also result.json)."""
+    config = to_container(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer_cfg = TrainerConfig.from_mapping(config["trainer"])
+    if trainer_cfg.threads:
+        torch.set_num_threads(int(trainer_cfg.threads))
+    seed = int(config.get("seed", 0))
+    seed_everything(seed, trainer_cfg.deterministic)
+    device = resolve_device(trainer_cfg.device)
+
+    data = build_data_from_config(config)
+    mem_size = config.get("memory", {}).get("size")
+    if mem_size is not None and int(mem_size) > data.num_train:
+        raise ConfigError(
+            f"memory.size={mem_size} is larger than the training set of {config['dataset']['name']} "
+            f"(N={data.num_train}); use memory.size=null (the whole set) or a value <= {data.num_train}"
+        )
+    distiller = build_distiller(config, data.num_classes, data.in_channels, data.num_train, device)
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    trainer = Trainer(
+        distiller,
+        data,
+        trainer_cfg,
+        config["optim"],
+        out,
+        seed=seed,
+        run_name=run_name(config),
+        stage=str(config.get("stage", "student")),
+        run_config=config,
+        callbacks=callbacks,
+        device=device,
+    )
+    log.info("run %s: %s, %d train / %d val samples, output %s", trainer.run_info.name, data.source, data.num_train, data.num_val, out)
+    return trainer.fit()

@@ -1,0 +1,389 @@
+"""The training loop: one ``train_step`` per batch, per-epoch evaluation, atomic checkpoints and
+exact resume. Everything above the core plugs in through :mod:`ickd.engine.callbacks`."""
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ickd.distill import Distiller
+from ickd.engine.callbacks import Callback, CallbackList, MetricsFile, RunInfo
+from ickd.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from ickd.engine.optim import build_optimizer, build_scheduler
+from ickd.errors import CheckpointError, ConfigError, NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 240
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    device: str = "auto"
+    amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | off
+    channels_last: str = "auto"    # auto (on CUDA) | on | off
+    deterministic: bool = False
+    num_workers: int = 4
+    checkpoint_every: int = 1
+    resume: str = "auto"           # auto | never | PATH to a last.pt
+    progress: str = "auto"         # auto (when stderr is a terminal) | on | off
+    max_batches_per_epoch: int | None = None
+    eval_every: int = 1
+    threads: int | None = None
+    nonfinite_check_every: int = 1  # batches between NaN/inf checks (each check syncs the device)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "TrainerConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(f"unknown trainer keys {unknown}; valid keys: {sorted(known)}")
+        tc = cls(**{k: v for k, v in cfg.items()})
+        if tc.epochs <= 0 or tc.batch_size <= 0:
+            raise ConfigError(f"trainer.epochs={tc.epochs} and trainer.batch_size={tc.batch_size} must be > 0")
+        return tc
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available here; use trainer.device=cpu or auto")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int]) -> list[torch.Tensor]:
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target.unsqueeze(1))
+    return [hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+class Trainer:
+    """Train ``distiller`` on ``data`` (an :class:`ickd.data.DataBundle`) into ``out_dir``."""
+
+    def __init__(
+        self,
+        distiller: Distiller,
+        data: Any,
+        trainer_cfg: TrainerConfig,
+        optim_cfg: Mapping[str, Any],
+        out_dir: str | os.PathLike,
+        *,
+        seed: int = 0,
+        run_name: str = "run",
+        stage: str = "student",
+        run_config: dict[str, Any] | None = None,
+        callbacks: list[Callback] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.cfg = trainer_cfg
+        self.distiller = distiller
+        self.data = data
+        self.seed = seed
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.device = device or resolve_device(trainer_cfg.device)
+        self.run_info = RunInfo(self.out_dir, run_name, stage, run_config or {}, total_epochs=trainer_cfg.epochs)
+        self.callbacks = CallbackList([MetricsFile(self.out_dir / "metrics.jsonl"), *(callbacks or [])])
+        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, trainer_cfg.epochs)
+        cuda = self.device.type == "cuda"
+        amp = trainer_cfg.amp if trainer_cfg.amp != "auto" else ("bf16" if cuda else "off")
+        if amp not in ("bf16", "off"):
+            raise ConfigError(f"trainer.amp={trainer_cfg.amp!r} is not valid; use auto, bf16 or off")
+        self.autocast_dtype = torch.bfloat16 if amp == "bf16" else None
+        cl = trainer_cfg.channels_last
+        self.channels_last = (cl == "auto" and cuda) or cl in ("on", True)
+        if self.channels_last:
+            self.distiller.to(memory_format=torch.channels_last)
+        self.start_epoch = 0
+        self.best_top1 = -1.0
+        self.history: list[dict[str, Any]] = []
+        self.train_loader = data.train_loader(
+            trainer_cfg.batch_size, shuffle=True, augment=True, device=self.device, num_workers=trainer_cfg.num_workers, seed=seed
+        )
+        self.val_loader = data.val_loader(trainer_cfg.eval_batch_size, device=self.device, num_workers=trainer_cfg.num_workers)
+
+    # --- one step ----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """Forward, backward and update on one batch; returns detached (total, losses, stats, logits).
+
+        Kept as one function with no host syncs so a later fast path can capture it whole.
+        """
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.distiller.forward_train(x, y, idx, epoch)
+        total = sum(v.float() for v in out.losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.distiller.after_step()
+        return total.detach(), {k: v.detach() for k, v in out.losses.items()}, out.stats, out.logits.detach()
+
+    # --- loops -------------------------------------------------------------------------------
+    def _progress(self, iterable, total: int, desc: str):
+        mode = self.cfg.progress
+        enabled = mode in ("on", True) or (mode == "auto" and sys.stderr.isatty())
+        if not enabled:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.distiller.train()
+        self.train_loader.set_epoch(epoch)
+        limit = self.cfg.max_batches_per_epoch
+        n_batches = len(self.train_loader) if limit is None else min(limit, len(self.train_loader))
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=self.device)
+        seen = 0
+        start = time.perf_counter()
+        bar = self._progress(self.train_loader, n_batches, f"epoch {epoch + 1}/{self.cfg.epochs}")
+        for step, (x, y, idx) in enumerate(bar):
+            if step >= n_batches:
+                break
+            total, losses, stats, logits = self.train_step(x, y, idx, epoch)
+            values = {"loss": total, **losses, **stats}
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0) + value.float()
+            correct += (logits.argmax(dim=1) == y).sum()
+            seen += y.shape[0]
+            if (step + 1) % self.cfg.nonfinite_check_every == 0 or step + 1 == n_batches:
+                self._check_finite(losses, epoch, step)
+            if hasattr(bar, "set_postfix") and step % 20 == 0:
+                bar.set_postfix(loss=f"{total.item():.3f}")
+        elapsed = time.perf_counter() - start
+        metrics = {f"train/{k}": (v / max(1, step + 1)).item() for k, v in sums.items()}
+        metrics["train/top1"] = 100.0 * correct.item() / max(1, seen)
+        metrics["time/epoch_s"] = elapsed
+        metrics["time/images_per_s"] = seen / max(elapsed, 1e-9)
+        return metrics
+
+    def _check_finite(self, losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"loss component(s) {bad} became NaN/inf at epoch {epoch + 1}, batch {step + 1}; the run stopped and "
+                f"its last good checkpoint is kept in {self.ckpt_dir}. Lower optim.lr, the loss weights or the "
+                "temperature, or turn trainer.amp=off, then resume or restart."
+            )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        models = self.distiller.eval_models()
+        for model in models.values():
+            model.eval()
+        counts = {name: [torch.zeros((), device=self.device) for _ in range(2)] for name in models}
+        total = 0
+        for x, y, _ in self.val_loader:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                for name, model in models.items():
+                    logits, _ = model(x)
+                    c1, c5 = topk_correct(logits.float(), y, (1, 5))
+                    counts[name][0] += c1
+                    counts[name][1] += c5
+            total += y.shape[0]
+        for i, name in enumerate(models):
+            prefix = "val" if i == 0 else f"val_{name}"
+            metrics[f"{prefix}/top1"] = 100.0 * counts[name][0].item() / max(1, total)
+            metrics[f"{prefix}/top5"] = 100.0 * counts[name][1].item() / max(1, total)
+        return metrics
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "epoch": epoch,  # epochs completed
+            "distiller": self.distiller.training_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_top1": self.best_top1,
+            "history": self.history,
+            "rng": rng_state(),
+            "run_name": self.run_info.name,
+        }
+
+    def save(self, epoch: int, is_best: bool) -> None:
+        path = self.ckpt_dir / "last.pt"
+        save_checkpoint(path, self._state(epoch))
+        if is_best:
+            # The published CIFAR teacher format, so a teacher trained here loads like theirs.
+            best = {"model": self.distiller.student.state_dict(), "epoch": epoch, "best_acc": self.best_top1}
+            save_checkpoint(self.ckpt_dir / "best.pt", best)
+        self.callbacks.on_checkpoint(path, epoch)
+
+    def find_resume_checkpoint(self) -> Path | None:
+        mode = str(self.cfg.resume)
+        if mode in ("never", "false", "False", "none", "None"):
+            return None
+        if mode == "auto":
+            path = self.ckpt_dir / "last.pt"
+            return path if path.is_file() else None
+        path = Path(mode)
+        if path.is_dir():
+            path = path / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise CheckpointError(f"trainer.resume={mode}: no checkpoint at {path}; give a last.pt file, a run folder, or trainer.resume=auto")
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("version") != CHECKPOINT_VERSION or "distiller" not in state:
+            raise CheckpointError(f"{path} is not an ickd training checkpoint (version {state.get('version')}); resume from a checkpoints/last.pt written by ickd")
+        try:
+            self.distiller.load_training_state(state["distiller"])
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this run's models or memory bank ({exc}). "
+                "It was written by a run with another teacher/student/dataset/memory config: resume with the same config, "
+                "or set trainer.resume=never to start afresh."
+            ) from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"])
+        self.best_top1 = float(state["best_top1"])
+        self.history = list(state["history"])
+        set_rng_state(state["rng"])
+        # Rewrite the metrics file from the checkpoint's history: epochs after the checkpoint were
+        # lost with the interruption and will be run again, so they must not be counted twice.
+        lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.history)
+        atomic_write_text(self.out_dir / "metrics.jsonl", lines)
+        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    # --- the run -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        resume_path = self.find_resume_checkpoint()
+        if resume_path is not None:
+            self.resume(resume_path)
+        else:
+            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self._fill_banks()
+        self.run_info.start_epoch = self.start_epoch
+        self.callbacks.on_run_start(self.run_info)
+        status = "completed"
+        start = time.perf_counter()
+        last: dict[str, Any] = self.history[-1] if self.history else {}
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                metrics = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+                metrics.update(self.train_epoch(epoch))
+                self.scheduler.step()
+                if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
+                    metrics.update(self.evaluate())
+                metrics.update(self.distiller.bank_stats())
+                top1 = metrics.get("val/top1", -1.0)
+                is_best = top1 > self.best_top1
+                self.best_top1 = max(self.best_top1, top1)
+                metrics["val/best_top1"] = self.best_top1
+                self.history.append(metrics)
+                if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs or is_best:
+                    self.save(epoch + 1, is_best)
+                self.callbacks.on_epoch_end(epoch + 1, metrics)
+                last = metrics
+                log.info(
+                    "epoch %d/%d loss %.4f val top1 %.2f (best %.2f) %.1fs",
+                    epoch + 1, self.cfg.epochs, metrics.get("train/loss", math.nan), top1, self.best_top1, metrics["time/epoch_s"],
+                )
+                if self.callbacks.should_stop():
+                    status = "stopped"
+                    break
+        except NonFiniteLossError:
+            status = "nonfinite"
+            raise
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            summary = {
+                "status": status,
+                "name": self.run_info.name,
+                "stage": self.run_info.stage,
+                "epochs_completed": len(self.history),
+                "epochs": self.cfg.epochs,
+                "best_top1": self.best_top1 if self.history else None,
+                "last_top1": last.get("val/top1"),
+                "last_top5": last.get("val/top5"),
+                "wall_time_s": time.perf_counter() - start,
+                "out_dir": str(self.out_dir),
+                "best_checkpoint": str(self.ckpt_dir / "best.pt"),
+            }
+            if status != "completed" or resume_path is not None:
+                summary["resumed_from_epoch"] = self.run_info.start_epoch
+            atomic_write_json(self.out_dir / "result.json", summary)
+            self.callbacks.on_run_end(summary)
+        return summary
+
+    @torch.no_grad()
+    def _fill_banks(self) -> None:
+        if not self.distiller.banks or self.distiller.bank_fill_source() is None:
+            return
+        self.distiller.eval()
+        loader = self.data.train_loader(self.cfg.eval_batch_size, shuffle=False, augment=False, device=self.device, num_workers=self.cfg.num_workers)
+        loader.set_epoch(0)
+        batches = self._progress(loader, len(loader), "filling memory bank")
+        if self.channels_last:
+            batches = ((x.contiguous(memory_format=torch.channels_last), y, idx) for x, y, idx in batches)
+        with self._autocast():
+            self.distiller.fill_banks(batches)

@@ -1,0 +1,276 @@
+"""Retrieval backends of the memory bank: a registry of nearest-neighbour searchers.
+
+Interface (every backend implements it; the bank is the only caller):
+
+* ``bind(size, dim, device)``: called once by the bank with its geometry; backends validate their
+  options against it (e.g. ``nlist <= size``).
+* ``on_write(slots)``: the bank wrote (or invalidated) these slots; stateful backends mark them stale.
+* ``on_reset()``: the whole content changed (``load_state_dict``); drop every cache.
+* ``search(queries, feats, valid, k, flt) -> (sims, slots)``:
+  ``queries`` (B, D) float32, L2-normalised; ``feats`` (M, D) the bank's storage (its dtype and
+  device); ``valid`` (M,) bool or ``None`` when every slot holds an entry; ``flt`` a
+  :class:`SearchFilter` saying which slots each query may receive (self-exclusion, label side).
+  Returns ``sims`` (B, k) float32 sorted descending with ``-inf`` where fewer than k eligible slots
+  exist, and ``slots`` (B, k) int64 with ``-1`` there; both on the bank's device.
+* ``state_dict()`` / ``load_state_dict(sd)`` and ``nbytes`` (extra memory the backend holds).
+
+Exact backends (``torch``, ``faiss_flat``) return the true top-k by inner product of normalised
+vectors (= cosine similarity) among eligible slots.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ickd.errors import ConfigError, UnknownNameError
+from ickd.registry import Registry
+
+__all__ = [
+    "RETRIEVERS",
+    "Retriever",
+    "SearchFilter",
+    "TorchExactRetriever",
+    "create_retriever",
+]
+
+RETRIEVERS: Registry[type["Retriever"]] = Registry("retriever")
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SearchFilter:
+    """Which bank slots each query row may receive.
+
+    A slot is eligible for row b when it holds an entry, its sample index differs from
+    ``exclude_samples[b]`` (self-exclusion), and, when ``same_label`` is not None, its label equals
+    (True) or differs from (False) ``query_labels[b]``.
+    """
+
+    slot_samples: torch.Tensor  # (M,) int64, -1 = empty slot
+    slot_labels: torch.Tensor  # (M,) int64
+    exclude_samples: torch.Tensor | None = None  # (B,) int64
+    # (B,) int64 slot holding exclude_samples[b] (-1: not in the bank). Only set when each sample
+    # has at most one slot (M = N or a random subset): a scatter is cheaper than a (B, M) compare.
+    exclude_slots: torch.Tensor | None = None
+    query_labels: torch.Tensor | None = None  # (B,) int64
+    same_label: bool | None = None
+
+    def rows(self, index: torch.Tensor) -> "SearchFilter":
+        """The filter restricted to some query rows (used when re-searching deficient rows)."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index.to(t.device)]
+
+        return SearchFilter(
+            slot_samples=self.slot_samples,
+            slot_labels=self.slot_labels,
+            exclude_samples=pick(self.exclude_samples),
+            exclude_slots=pick(self.exclude_slots),
+            query_labels=pick(self.query_labels),
+            same_label=self.same_label,
+        )
+
+    def mask_dense_(self, sims: torch.Tensor) -> torch.Tensor:
+        """Set ``sims[b, j] = -inf`` for every ineligible slot j of row b (validity excluded)."""
+        if self.exclude_slots is not None:
+            es = self.exclude_slots
+            present = (es >= 0).unsqueeze(1)
+            col = es.clamp(min=0).unsqueeze(1)
+            current = sims.gather(1, col)
+            # Rows whose own sample is not in the bank keep their value (no sync, no branching).
+            sims.scatter_(1, col, torch.where(present, torch.full_like(current, _NEG_INF), current))
+        elif self.exclude_samples is not None:
+            sims.masked_fill_(self.slot_samples.unsqueeze(0) == self.exclude_samples.unsqueeze(1), _NEG_INF)
+        if self.same_label is not None:
+            assert self.query_labels is not None
+            same = self.slot_labels.unsqueeze(0) == self.query_labels.unsqueeze(1)
+            sims.masked_fill_(~same if self.same_label else same, _NEG_INF)
+        return sims
+
+    def allowed(self, slots: torch.Tensor) -> torch.Tensor:
+        """(B, F) bool: which candidate slots (``-1`` = none) are eligible, validity included."""
+        safe = slots.clamp(min=0)
+        samples = self.slot_samples[safe]
+        ok = (slots >= 0) & (samples >= 0)
+        if self.exclude_samples is not None:
+            ok &= samples != self.exclude_samples.unsqueeze(1)
+        if self.same_label is not None:
+            assert self.query_labels is not None
+            same = self.slot_labels[safe] == self.query_labels.unsqueeze(1)
+            ok &= same if self.same_label else ~same
+        return ok
+
+
+class Retriever(ABC):
+    """Base class of retrieval backends (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    #: Options ``create_retriever`` accepts for this backend (others are a ConfigError).
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.dim = 0
+        self.device = torch.device("cpu")
+
+    def bind(self, size: int, dim: int, device: torch.device) -> None:
+        self.size, self.dim, self.device = size, dim, torch.device(device)
+
+    def on_write(self, slots: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        """The bank changed these slots. Stateless backends ignore it."""
+
+    def on_reset(self) -> None:  # noqa: B027 - optional hook
+        """Every slot may have changed."""
+
+    @abstractmethod
+    def search(
+        self,
+        queries: torch.Tensor,
+        feats: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        flt: SearchFilter,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.on_reset()
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+def pad_topk(sims: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark ``-inf`` results as missing (slot -1) and pad to k columns when the bank is tiny."""
+    slots = torch.where(torch.isfinite(sims), slots, torch.full_like(slots, -1))
+    if sims.shape[1] < k:
+        pad = k - sims.shape[1]
+        sims = torch.cat([sims, sims.new_full((sims.shape[0], pad), _NEG_INF)], dim=1)
+        slots = torch.cat([slots, slots.new_full((slots.shape[0], pad), -1)], dim=1)
+    return sims, slots
+
+
+@RETRIEVERS.register("torch")
+class TorchExactRetriever(Retriever):
+    """Exact search: one matmul over the whole bank, mask ineligible slots with -inf, then top-k.
+
+    Runs wherever the bank lives (CPU or CUDA), never synchronises with the host, and is the
+    fastest option on GPU at CIFAR/ImageNet bank sizes (performance-anchors.md).
+    """
+
+    name = "torch"
+    exact = True
+    options = ()
+
+    def search(
+        self,
+        queries: torch.Tensor,
+        feats: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        flt: SearchFilter,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if feats.dtype in (torch.float16, torch.bfloat16) and feats.device.type == "cuda":
+            # Half-precision matmul on the GPU is the fast path; accumulate is fp32 inside cuBLAS.
+            sims = (queries.to(feats.dtype) @ feats.T).float()
+        else:
+            # CPU half matmul is slower than casting; fp32 banks take this path with no copy.
+            sims = queries @ feats.T.float()
+        if valid is not None:
+            sims.masked_fill_(~valid.unsqueeze(0), _NEG_INF)
+        flt.mask_dense_(sims)
+        top, idx = sims.topk(min(k, sims.shape[1]), dim=1, largest=True, sorted=True)
+        return pad_topk(top, idx, k)
+
+
+def filtered_search(
+    raw_search: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]],
+    queries: torch.Tensor,
+    k: int,
+    flt: SearchFilter,
+    ntotal: int,
+    max_effort: int,
+    effort: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eligible slots from a backend that cannot filter: over-fetch, post-filter, grow.
+
+    ``raw_search(rows_queries, n, effort)`` returns (sims, slots) of the n best candidates (any slot,
+    sorted descending, slot -1 when the index ran out). Rows with fewer than k eligible candidates are
+    searched again with 4x as many candidates; when the index already returned everything it could at
+    this ``effort`` (an IVF probing too few lists), the effort (nprobe) grows 4x instead. The loop ends
+    when every row has k eligible candidates or the search was exhaustive (n = ntotal at max effort).
+    """
+    B = queries.shape[0]
+    device = flt.slot_samples.device
+    out_sims = torch.full((B, k), _NEG_INF, dtype=torch.float32, device=device)
+    out_slots = torch.full((B, k), -1, dtype=torch.long, device=device)
+    if ntotal == 0 or B == 0:
+        return out_sims, out_slots
+    # Margin: one self entry per row plus slack for label filtering; most rows finish in one round.
+    n = min(ntotal, 2 * k + 8)
+    rows = torch.arange(B, device=device)
+    sub = flt
+    q = queries
+    while True:
+        sims, slots = raw_search(q, n, effort)
+        sims, slots = sims.to(device), slots.to(device)
+        ok = sub.allowed(slots)
+        # Stable "first k allowed columns": sort column positions with ineligible ones pushed back.
+        ncol = slots.shape[1]
+        pos = torch.arange(ncol, device=device).expand_as(slots)
+        key = torch.where(ok, pos, pos + ncol)
+        order = key.argsort(dim=1)[:, :k]
+        picked_ok = ok.gather(1, order)
+        picked = sims.gather(1, order).float()
+        picked_sims = torch.where(picked_ok, picked, torch.full_like(picked, _NEG_INF))
+        picked_slots = torch.where(picked_ok, slots.gather(1, order), torch.full_like(order, -1))
+        width = picked_sims.shape[1]
+        out_sims[rows, :width] = picked_sims
+        out_slots[rows, :width] = picked_slots
+        exhausted_here = (slots < 0).any(dim=1)  # the index returned fewer than n candidates
+        if n >= ntotal and effort >= max_effort:
+            break
+        short = ok.sum(dim=1) < k
+        if not bool(short.any()):
+            break
+        rows = rows[short]
+        sub = flt.rows(rows)
+        q = queries[rows.to(queries.device)]
+        if bool(exhausted_here[short].any()) and effort < max_effort:
+            effort = min(max_effort, effort * 4)
+        else:
+            n = min(ntotal, n * 4)
+    return out_sims, out_slots
+
+
+def create_retriever(name: str, **kwargs: Any) -> Retriever:
+    """Build a backend by registry name; ``None`` option values mean "use the default".
+
+    Unknown names and options raise ConfigError naming ``memory.backend`` and the valid choices.
+    """
+    try:
+        cls = RETRIEVERS.get(name)
+    except UnknownNameError:
+        raise UnknownNameError(
+            f"memory.backend={name!r} is not a retrieval backend; "
+            f"set memory.backend to one of: {', '.join(RETRIEVERS.names())}"
+        ) from None
+    # None means "default" (Hydra configs carry e.g. memory.nlist: null for every backend).
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    unknown = sorted(set(kwargs) - set(cls.options))
+    if unknown:
+        accepted = ", ".join(cls.options) or "none"
+        raise ConfigError(
+            f"retrieval backend {name!r} does not accept option(s) {', '.join(unknown)}; "
+            f"accepted options: {accepted} (drop the others, e.g. memory.nlist only applies to faiss_ivf)"
+        )
+    return cls(**kwargs)

@@ -1,0 +1,41 @@
+"""`ickd train` / `python -m ickd.train`: the Hydra application that trains one run."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ickd.config_store import config_dir, register_model_groups
+from ickd.errors import IckdError, NonFiniteLossError
+
+log = logging.getLogger("ickd")
+
+# Distinct exit codes so schedulers and sweeps can tell failures apart.
+EXIT_CONFIG_ERROR = 2
+EXIT_NONFINITE = 3
+
+register_model_groups()
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from ickd.engine import train
+
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = train(cfg, out_dir)
+    except NonFiniteLossError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_NONFINITE)
+    except IckdError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_CONFIG_ERROR)
+    log.info("best top-1 %.2f, last top-1 %.2f -> %s", summary["best_top1"], summary["last_top1"] or float("nan"), out_dir)
+    return summary["best_top1"]
+
+
+if __name__ == "__main__":
+    main()

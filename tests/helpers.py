@@ -1,0 +1,34 @@
+"""Compose real run configs from configs/ exactly as `ickd train` does (Hydra compose API)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from ickd.config_store import config_dir, register_model_groups
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A fast CPU run on the synthetic dataset: 512 train / 128 val images, 16 batches an epoch.
+FAST = [
+    "dataset=synthetic",
+    "teacher=resnet8",
+    "student=resnet8",
+    "optim=sgd_cosine",
+    "optim.lr=0.1",
+    "trainer.epochs=2",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=128",
+    "trainer.device=cpu",
+    "trainer.progress=off",
+    "memory.k=4",
+]
+
+
+def compose_config(*overrides: str, base: list[str] | None = None) -> DictConfig:
+    register_model_groups()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=[*(FAST if base is None else base), *overrides])

@@ -1,0 +1,261 @@
+"""End-to-end training through the real Hydra configs on the synthetic dataset (CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ickd.distill import build_distiller
+from ickd.engine import Callback, train
+from ickd.engine.run import build_data_from_config, to_container
+from ickd.errors import CheckpointError, ConfigError, NonFiniteLossError, UnknownNameError
+from tests.helpers import REPO, compose_config
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = compose_config("stage=teacher", "trainer.epochs=3", "model=resnet8")
+    summary = train(cfg, out)
+    assert summary["status"] == "completed"
+    assert (out / "checkpoints" / "best.pt").is_file()
+    return out
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_teacher_stage_writes_config_metrics_checkpoints_and_learns(teacher_dir):
+    metrics = _metrics(teacher_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["val/top1"] > 30.0  # 10 classes: chance is 10%
+    assert "train/ce" in metrics[0] and "val/top5" in metrics[0]
+    result = json.loads((teacher_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["best_top1"] == max(m["val/top1"] for m in metrics)
+    assert "stage: teacher" in (teacher_dir / "config.yaml").read_text()
+    best = torch.load(teacher_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert set(best) == {"model", "epoch", "best_acc"}  # the published teacher format
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["distill=ce"],
+        ["distill=kd"],
+        ["distill=dkd", "distill.warmup_epochs=2"],
+        ["distill=ickd"],
+        ["distill=ickd", "memory.split=separate", "memory.k_pos=2", "memory.k_neg=2"],
+        ["distill=ickd", "memory.backend=faiss_flat", "memory.update=momentum"],
+        ["distill=ickd", "memory.size=256", "memory.subset=fifo", "memory.fill=online"],
+        ["distill=ickd", "paradigm=online", "teacher=resnet8"],
+        ["distill=ickd", "paradigm=teacher_free", "paradigm.bank_source=ema"],
+        ["distill=ickd", "paradigm=teacher_free", "paradigm.bank_source=self"],
+        ["distill=kd", "paradigm=online"],
+    ],
+    ids=lambda o: "-".join(x.split("=")[-1] for x in o),
+)
+def test_every_method_and_paradigm_trains_end_to_end(tmp_path, teacher_dir, overrides):
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", *overrides)
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "completed"
+    metrics = _metrics(tmp_path)
+    assert len(metrics) == 2
+    for m in metrics:
+        assert all(v == v for v in m.values() if isinstance(v, float)), m  # no NaN anywhere
+    last = metrics[-1]
+    name = cfg.distill.name
+    expected = {"ce": ["train/ce"], "kd": ["train/kd"], "dkd": ["train/dkd"], "ickd": ["train/kd", "train/picd", "train/nicd", "train/pos_frac", "train/nb_sim"]}[name]
+    for key in expected:
+        assert key in last, (key, sorted(last))
+    if name == "ickd":
+        assert 0.0 <= last["train/pos_frac"] <= 1.0
+        banks = ["peer", "student"] if cfg.paradigm.name == "online" else [""]
+        for bank in banks:
+            prefix = f"bank_{bank}_" if bank else "bank_"
+            assert last[prefix + "entries"] == (cfg.memory.size or 512) and last[prefix + "bytes"] > 0  # full bank
+            assert last[prefix + "retrieval_ms_mean"] > 0
+    if cfg.paradigm.name == "online":
+        assert "val_peer/top1" in last and "train/peer_ce" in last
+
+
+def test_ickd_retrieval_finds_same_class_neighbours_from_a_trained_teacher(tmp_path, teacher_dir):
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", "distill=ickd", "trainer.epochs=1")
+    train(cfg, tmp_path)
+    last = _metrics(tmp_path)[-1]
+    # A teacher above 30% accuracy on 10 classes has far more than 10% same-class neighbours.
+    assert last["train/pos_frac"] > 0.3
+
+
+def test_only_the_student_gets_gradients(teacher_dir):
+    cfg = to_container(compose_config(f"teacher.checkpoint={teacher_dir}", "distill=ickd"))
+    data = build_data_from_config(cfg)
+    distiller = build_distiller(cfg, data.num_classes, data.in_channels, data.num_train, torch.device("cpu"))
+    loader = data.train_loader(64, shuffle=False, augment=False, device="cpu")
+    loader.set_epoch(0)
+    with torch.no_grad():
+        distiller.fill_banks(loader)
+    teacher_before = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+    distiller.train()
+    x, y, idx = next(iter(loader))
+    out = distiller.forward_train(x, y, idx, epoch=0)
+    sum(out.losses.values()).backward()
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+    assert all(not p.requires_grad for p in distiller.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
+    assert not distiller.teacher.training  # frozen BN even in train mode
+    for k, v in distiller.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k  # BN running stats untouched
+    ids = {id(p) for p in distiller.trainable_parameters()}
+    assert not ids & {id(p) for p in distiller.teacher.parameters()}
+
+
+@pytest.mark.parametrize("paradigm", ["offline", "teacher_free"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, teacher_dir, paradigm):
+    args = [f"teacher.checkpoint={teacher_dir}", "distill=ickd", f"paradigm={paradigm}", "trainer.epochs=4", "trainer.deterministic=true"]
+    straight = tmp_path / "straight"
+    train(compose_config(*args), straight)
+
+    # Interrupt a second run after epoch 2 (a callback asks to stop), then resume it.
+    partial = tmp_path / "partial"
+    stopper_cfg = compose_config(*args)
+
+    class StopAfter(Callback):
+        def __init__(self, n):
+            self.n, self.epoch = n, 0
+
+        def on_epoch_end(self, epoch, metrics):
+            self.epoch = epoch
+
+        def should_stop(self):
+            return self.epoch >= self.n
+
+    stopped = train(stopper_cfg, partial, callbacks=[StopAfter(2)])
+    assert stopped["status"] == "stopped" and stopped["epochs_completed"] == 2
+    done = train(compose_config(*args), partial)  # trainer.resume=auto picks up last.pt
+    assert done["status"] == "completed" and done["resumed_from_epoch"] == 2
+
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["distiller"]["student"]
+    b = torch.load(partial / "checkpoints" / "last.pt", weights_only=True)["distiller"]["student"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [m["epoch"] for m in _metrics(partial)] == [1, 2, 3, 4]  # nothing counted twice
+    assert _metrics(partial)[-1]["val/top1"] == _metrics(straight)[-1]["val/top1"]
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (["student=resnet_nope"], Exception, "resnet_nope"),
+        (["distill.name=nope"], UnknownNameError, "valid distill method names"),
+        (["dataset.name=nope"], UnknownNameError, "valid dataset names"),
+        (["paradigm.name=nope", "distill=kd"], UnknownNameError, "valid paradigm names"),
+        (["distill=ickd", "memory.k=600"], ConfigError, "memory.k"),
+        (["distill=ickd", "memory.k=0"], ConfigError, "k"),
+        (["distill=ickd", "memory.size=100000"], ConfigError, "larger than the training set"),
+        (["distill=ickd", "memory.size=8", "memory.k=8"], ConfigError, "memory.size"),
+        (["distill=ickd", "distill.nicd_weight=-1"], ConfigError, "negative"),
+        (["distill=kd", "distill.temperature=0"], ConfigError, "temperature"),
+        (["distill=kd", "teacher.checkpoint=null"], ConfigError, "stage=teacher"),
+        (["stage=nope"], ConfigError, "stage=student"),
+        (["trainer.epochs=0"], ConfigError, "epochs"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, teacher_dir, overrides, error, words):
+    if overrides == ["student=resnet_nope"]:
+        # Hydra itself rejects an unknown option of a config group and lists the valid ones.
+        from hydra.errors import ConfigCompositionException
+
+        with pytest.raises(ConfigCompositionException, match="resnet32x4"):
+            compose_config(*overrides)
+        return
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", *overrides)
+    with pytest.raises(error) as info:
+        train(cfg, tmp_path)
+    assert words in str(info.value)
+
+
+def test_unknown_model_name_in_code_lists_valid_names(tmp_path, teacher_dir):
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", "student.name=resnet_nope", "distill=kd")
+    with pytest.raises(UnknownNameError, match="resnet32x4"):
+        train(cfg, tmp_path)
+
+
+def test_teacher_checkpoint_of_another_architecture_names_the_mismatch(tmp_path, teacher_dir):
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", "teacher=resnet20", "distill=kd")
+    with pytest.raises(CheckpointError, match="layer1"):
+        train(cfg, tmp_path)
+
+
+def test_corrupt_resume_checkpoint_is_reported_and_left_in_place(tmp_path, teacher_dir):
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", "distill=kd", "trainer.epochs=1")
+    train(cfg, tmp_path)
+    last = tmp_path / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(compose_config(f"teacher.checkpoint={teacher_dir}", "distill=kd", "trainer.epochs=2"), tmp_path)
+    assert last.read_bytes() == data[: len(data) // 2]  # nothing deleted behind the user's back
+
+
+def test_resuming_with_another_student_names_the_mismatch(tmp_path, teacher_dir):
+    train(compose_config(f"teacher.checkpoint={teacher_dir}", "distill=kd", "trainer.epochs=1"), tmp_path)
+    with pytest.raises(CheckpointError, match="does not match"):
+        train(compose_config(f"teacher.checkpoint={teacher_dir}", "distill=kd", "student=resnet20", "trainer.epochs=2"), tmp_path)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir):
+    # A schedule that multiplies the learning rate by 1e30 after epoch 1 makes the weights
+    # explode during epoch 2: epoch 1 is good and checkpointed, epoch 2 goes NaN/inf.
+    args = [f"teacher.checkpoint={teacher_dir}", "distill=kd", "optim=sgd", "optim.milestones=[1]", "optim.gamma=1e30", "trainer.epochs=3"]
+    last = tmp_path / "checkpoints" / "last.pt"
+
+    class KeepEpochOne(Callback):
+        def on_checkpoint(self, path, epoch):
+            self.saved = (epoch, path.read_bytes())
+
+    keeper = KeepEpochOne()
+    with pytest.raises(NonFiniteLossError, match="NaN/inf"):
+        train(compose_config(*args), tmp_path, callbacks=[keeper])
+    epoch, good = keeper.saved
+    assert epoch == 1
+    assert last.read_bytes() == good
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "nonfinite"
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "ickd.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_train_runs_and_nan_exits_with_distinct_code(tmp_path, teacher_dir):
+    ok = _cli("train", "dataset=synthetic", "stage=teacher", "model=resnet8", "trainer.epochs=1", "trainer.device=cpu",
+              "trainer.progress=off", f"hydra.run.dir={tmp_path / 'ok'}", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "ok" / "checkpoints" / "best.pt").is_file()
+    assert (tmp_path / "ok" / ".hydra" / "overrides.yaml").is_file()
+    bad = _cli("train", "dataset=synthetic", "distill=kd", "student=resnet8", "teacher=resnet8", f"teacher.checkpoint={teacher_dir}",
+               "optim=sgd", "optim.lr=1e30", "trainer.epochs=2", "trainer.device=cpu", "trainer.progress=off", f"hydra.run.dir={tmp_path / 'nan'}", cwd=tmp_path)
+    assert bad.returncode == 3, bad.stderr
+    assert "NaN/inf" in bad.stderr + bad.stdout
+    cfgjob = _cli("train", "distill=ickd", "--cfg", "job", cwd=tmp_path)
+    assert cfgjob.returncode == 0 and "picd_weight" in cfgjob.stdout
+    helped = _cli("train", "--help", cwd=tmp_path)
+    assert helped.returncode == 0 and "resnet32x4" in helped.stdout and "teacher_free" in helped.stdout
+
+
+@pytest.mark.parametrize("experiment", sorted(p.relative_to(REPO / "configs" / "experiment").with_suffix("").as_posix() for p in (REPO / "configs" / "experiment").rglob("*.yaml")))
+def test_every_experiment_composes_with_every_method(experiment):
+    for distill in ("ce", "kd", "dkd", "ickd"):
+        cfg = compose_config(f"experiment={experiment}", f"distill={distill}", base=[])
+        assert cfg.teacher.name and cfg.student.name and cfg.dataset.name in ("cifar100", "imagenet", "fashion_mnist")
+        if distill == "dkd":
+            assert cfg.distill.beta == cfg.pair.dkd_beta if "pair" in cfg else True
