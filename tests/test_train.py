@@ -13,7 +13,7 @@ import torch
 from ickd.distill import build_distiller
 from ickd.engine import Callback, train
 from ickd.engine.run import build_data_from_config, to_container
-from ickd.errors import CheckpointError, ConfigError, NonFiniteLossError, UnknownNameError
+from ickd.errors import CheckpointError, ConfigError, DatasetNotFoundError, NonFiniteLossError, UnknownNameError
 from tests.helpers import REPO, compose_config
 
 
@@ -166,6 +166,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, teache
         (["distill=kd", "teacher.checkpoint=null"], ConfigError, "stage=teacher"),
         (["stage=nope"], ConfigError, "stage=student"),
         (["trainer.epochs=0"], ConfigError, "epochs"),
+        (["dataset=cifar100", "dataset.root={tmp}"], DatasetNotFoundError, "cifar-100-python"),
+        (["dataset=imagenet", "dataset.root={tmp}"], DatasetNotFoundError, "train"),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, teacher_dir, overrides, error, words):
@@ -176,10 +178,13 @@ def test_bad_input_is_a_clear_error(tmp_path, teacher_dir, overrides, error, wor
         with pytest.raises(ConfigCompositionException, match="resnet32x4"):
             compose_config(*overrides)
         return
-    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", *overrides)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", *(o.replace("{tmp}", str(empty)) for o in overrides))
     with pytest.raises(error) as info:
-        train(cfg, tmp_path)
+        train(cfg, tmp_path / "run")
     assert words in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained on bad input
 
 
 def test_unknown_model_name_in_code_lists_valid_names(tmp_path, teacher_dir):
