@@ -87,6 +87,15 @@ class Distiller(nn.Module):
             logits, feats = source(x)
             bank.fill(idx, feats.float(), logits.float(), y)
 
+    def distil(self, logits, teacher_logits, teacher_feats, y, idx, epoch, bank: MemoryBank | None, prefix: str = ""):
+        """The method's losses for one student: retrieve its neighbours from ``bank`` (queried with
+        the teacher-side features of the batch, the bank's own feature space) when there is one."""
+        nb, stats = None, {}
+        if bank is not None:
+            nb = self.retrieval.retrieve(bank, teacher_feats.float(), y, idx)
+            stats = retrieval_stats(nb, prefix)
+        return self.method(logits, teacher_logits, y, nb, epoch), stats
+
     def write_bank(self, bank: MemoryBank, epoch: int, idx, feats, logits, labels) -> None:
         """Store the batch's outputs: ``fill`` while an online-filled bank is still being built
         (the first epoch, so even ``memory.update=frozen`` banks get filled), else ``update``."""
@@ -144,12 +153,8 @@ class OfflineDistiller(Distiller):
             with torch.no_grad():
                 teacher_logits, teacher_feats = self.teacher(x)
         logits, _ = self.student(x)
-        nb, stats = None, {}
         bank = self.banks.get("teacher")
-        if bank is not None:
-            nb = self.retrieval.retrieve(bank, teacher_feats.float(), y, idx)
-            stats = retrieval_stats(nb)
-        losses = self.method(logits, teacher_logits, y, nb, epoch)
+        losses, stats = self.distil(logits, teacher_logits, teacher_feats, y, idx, epoch, bank)
         if bank is not None:
             self.write_bank(bank, epoch, idx, teacher_feats.float(), teacher_logits.float(), y)
         return StepOutput(logits, losses, stats)
@@ -174,17 +179,11 @@ class OnlineDistiller(Distiller):
         logits_s, feats_s = self.student(x)
         logits_p, feats_p = self.peer(x)
         feats_s, feats_p = feats_s.detach().float(), feats_p.detach().float()
-        nb_s = nb_p = None
-        stats: dict[str, torch.Tensor] = {}
-        if self.banks:
-            # The student retrieves from the peer's bank with the peer's features of the batch (the
-            # bank's own feature space), and vice versa.
-            nb_s = self.retrieval.retrieve(self.banks["peer"], feats_p, y, idx)
-            nb_p = self.retrieval.retrieve(self.banks["student"], feats_s, y, idx)
-            stats = {**retrieval_stats(nb_s), **retrieval_stats(nb_p, "peer_")}
-        losses = self.method(logits_s, logits_p.detach(), y, nb_s, epoch)
-        for name, value in self.method(logits_p, logits_s.detach(), y, nb_p, epoch).items():
-            losses[f"peer_{name}"] = value
+        # Each peer learns from the other's outputs and retrieves from the other's bank.
+        losses, stats = self.distil(logits_s, logits_p.detach(), feats_p, y, idx, epoch, self.banks.get("peer"))
+        peer_losses, peer_stats = self.distil(logits_p, logits_s.detach(), feats_s, y, idx, epoch, self.banks.get("student"), "peer_")
+        losses.update({f"peer_{name}": value for name, value in peer_losses.items()})
+        stats.update(peer_stats)
         if self.banks:
             self.write_bank(self.banks["student"], epoch, idx, feats_s, logits_s.detach().float(), y)
             self.write_bank(self.banks["peer"], epoch, idx, feats_p, logits_p.detach().float(), y)
@@ -227,12 +226,8 @@ class TeacherFreeDistiller(Distiller):
                 t_logits, t_feats = self.ema(x)
         else:
             t_logits, t_feats = logits.detach(), feats.detach()
-        nb, stats = None, {}
         bank = self.banks.get("self")
-        if bank is not None:
-            nb = self.retrieval.retrieve(bank, t_feats.float(), y, idx)
-            stats = retrieval_stats(nb)
-        losses = self.method(logits, t_logits, y, nb, epoch)
+        losses, stats = self.distil(logits, t_logits, t_feats, y, idx, epoch, bank)
         if bank is not None:
             self.write_bank(bank, epoch, idx, t_feats.float(), t_logits.float(), y)
         return StepOutput(logits, losses, stats)
