@@ -7,6 +7,8 @@ USAGE = """usage: ickd <command> [args]
 
 commands:
   train [hydra overrides]   train one run (teacher, student, any paradigm); `ickd train --help` lists config groups
+  sweep <create|run|status|best|dashboard|reap> ...
+                            Optuna studies (`ickd sweep --help`)
   demo [--out DIR]          the main job: Fashion-MNIST teacher, then CE / KD / IC-KD students, and a comparison table
 """
 
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None) -> None:
         from ickd.train import main as train_main
 
         train_main()
+    elif command == "sweep":
+        from ickd.sweep.cli import main as sweep_main
+
+        sweep_main(rest)
     elif command == "demo":
         from ickd.demo import main as demo_main
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from ickd.models import list_models
 
@@ -31,3 +34,11 @@ def register_model_groups() -> None:
         cs.store(group="student", name=name, node={"name": name, "kwargs": {}})
         cs.store(group="model", name=name, node={"name": name, "kwargs": {}})
     _registered = True
+
+
+def compose_run_config(overrides: list[str]) -> DictConfig:
+    """Compose a run config exactly as `ickd train <overrides>` would (without starting Hydra's app)."""
+    register_model_groups()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))

@@ -14,21 +14,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from ickd.config_store import config_dir, register_model_groups
+from ickd.config_store import compose_run_config
 from ickd.engine import train
 from ickd.engine.checkpoint import atomic_write_json, atomic_write_text
 
 STUDENT_RUNS = [("CE", "distill=ce"), ("KD", "distill=kd"), ("IC-KD", "distill=ickd")]
-
-
-def _compose(overrides: list[str]):
-    register_model_groups()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def _table(rows: list[dict]) -> str:
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = [f"experiment={args.experiment}", *args.overrides]
     start = time.perf_counter()
 
-    teacher_cfg = _compose([*base, "stage=teacher"])
+    teacher_cfg = compose_run_config([*base, "stage=teacher"])
     ds = teacher_cfg.dataset
     print(
         f"ickd demo: real Fashion-MNIST, {ds.train_subset or 'all'} training images (class-balanced subset) and "
@@ -88,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for label, overrides, run_dir in stages:
-        cfg = _compose(overrides)
+        cfg = compose_run_config(overrides)
         command = "ickd train " + " ".join(shlex.quote(o) for o in overrides) + f" hydra.run.dir={run_dir}"
         print(f"\n[{label}] {command}", flush=True)
         summary = train(cfg, run_dir)
@@ -97,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     table = _table(rows)
     total = time.perf_counter() - start
-    student = _compose(base).student
+    student = compose_run_config(base).student
     print(f"\nFashion-MNIST test top-1 (student {student.name} {dict(student.kwargs) or ''}), total {total:.0f} s:\n")
     print(table)
     atomic_write_text(out / "summary.md", table + "\n")

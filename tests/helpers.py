@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from ickd.config_store import config_dir, register_model_groups
+from ickd.config_store import compose_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +26,4 @@ FAST = [
 
 
 def compose_config(*overrides: str, base: list[str] | None = None) -> DictConfig:
-    register_model_groups()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[*(FAST if base is None else base), *overrides])
+    return compose_run_config([*(FAST if base is None else base), *overrides])

@@ -17,16 +17,6 @@ from ickd.errors import CheckpointError, ConfigError, DatasetNotFoundError, NonF
 from tests.helpers import REPO, compose_config
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = compose_config("stage=teacher", "trainer.epochs=3", "model=resnet8")
-    summary = train(cfg, out)
-    assert summary["status"] == "completed"
-    assert (out / "checkpoints" / "best.pt").is_file()
-    return out
-
-
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -7,7 +7,6 @@ where the teacher outputs and the memory bank come from, so every method works i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch

@@ -35,7 +35,7 @@ class Callback:
         """After a checkpoint file was written atomically."""
 
     def should_stop(self) -> bool:
-        """Polled after each epoch (and between batches): True ends the run cleanly, checkpoint kept."""
+        """Polled after each epoch: True ends the run cleanly after that epoch's checkpoint."""
         return False
 
     def on_run_end(self, summary: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
-from torch import nn
 
 from ickd.distill import Distiller
 from ickd.engine.callbacks import Callback, CallbackList, MetricsFile, RunInfo

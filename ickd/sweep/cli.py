@@ -1,0 +1,210 @@
+"""`ickd sweep create | run | status | best | dashboard | reap`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from ickd.config_store import compose_run_config
+from ickd.errors import IckdError
+from ickd.sweep.reaper import reap
+from ickd.sweep.space import params_to_overrides
+from ickd.sweep.spec import load_spec
+from ickd.sweep.storage import dashboard_storage
+from ickd.sweep.studies import StudyHandle
+
+log = logging.getLogger("ickd.sweep")
+
+
+def _states(study: optuna.Study) -> dict[str, int]:
+    counts = {s.name: 0 for s in TrialState}
+    skipped = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("skipped"):
+            skipped += 1
+        else:
+            counts[t.state.name] += 1
+    counts["SKIPPED"] = skipped
+    return counts
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def cmd_create(args: argparse.Namespace) -> None:
+    spec = load_spec(args.file, name=args.name, storage=args.storage, n_trials=args.trials)
+    if args.override:
+        spec.base = [*spec.base, *args.override]
+    spec.validate_against(compose_run_config(spec.base))  # bad spaces fail before any trial runs
+    handle = StudyHandle.create(spec, args.root, exist_ok=args.exist_ok)
+    print(f"study {spec.name!r} created in {handle.dir} (storage: {handle.storage_label}), {spec.n_trials} trials")
+    print(f"next: ickd sweep run {spec.name} --workers 2" + (f" --root {args.root}" if args.root else ""))
+
+
+def _spawn_worker(handle: StudyHandle, index: int, root: str | None) -> subprocess.Popen:
+    logs = handle.dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "ickd.sweep.worker", str(handle.dir), "--index", str(index)]
+    out = open(logs / f"worker-{index}.log", "ab")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Each worker in its own session so a Ctrl-C here is handled once, by us, not twice.
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    handle = StudyHandle.load(args.study, args.root)
+    if args.trials is not None and args.trials != handle.spec.n_trials:
+        handle.spec.n_trials = args.trials
+        handle.save_spec()
+    study = handle.study()
+    reaped = reap(study, float(handle.spec.heartbeat.get("grace_s", 120)), int(handle.spec.retry.get("max_retries", 0)))
+    for r in reaped:
+        print(f"trial {r['number']}: {r['reason']}" + (f"; retried as trial {r['retry']}" if r["retry"] is not None else ""))
+    print(f"study {handle.name}: {handle.spec.n_trials} trials, {args.workers} local workers, logs in {handle.dir / 'workers'}")
+    workers = [_spawn_worker(handle, i, args.root) for i in range(args.workers)]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=handle.spec.n_trials, desc=f"{handle.name}", unit="trial", disable=not sys.stderr.isatty())
+    try:
+        while any(w.poll() is None for w in workers):
+            time.sleep(2)
+            counts = _states(study)
+            bar.n = counts["COMPLETE"] + counts["PRUNED"]
+            bar.set_postfix(running=counts["RUNNING"], failed=counts["FAIL"])
+            bar.refresh()
+    except KeyboardInterrupt:
+        print("\nstopping workers after their current epoch (checkpoints kept; `ickd sweep run` resumes)...")
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=args.stop_timeout)
+            except subprocess.TimeoutExpired:
+                w.kill()
+    finally:
+        bar.close()
+    codes = [w.wait() for w in workers]
+    print_status(handle)
+    if any(codes):
+        print(f"workers exited with codes {codes}; see {handle.dir / 'workers'}", file=sys.stderr)
+        sys.exit(1)
+
+
+def print_status(handle: StudyHandle) -> None:
+    study = handle.study()
+    counts = _states(study)
+    shown = {k: v for k, v in counts.items() if v}
+    print(f"\nstudy {handle.name} ({handle.storage_label}): " + ", ".join(f"{k.lower()} {v}" for k, v in shown.items()) + f" of {handle.spec.n_trials}")
+    finished = counts["COMPLETE"] + counts["PRUNED"]
+    if finished:
+        print(f"pruned fraction: {counts['PRUNED'] / finished:.2f}")
+    best = _best(study)
+    if best is not None:
+        print(f"best: trial {best.number}, {handle.spec.objective.metric} = {best.value:.4f}, " + " ".join(params_to_overrides(best.params)))
+    keys = list(handle.spec.space)
+    print("\n| trial | state | value | " + " | ".join(keys) + " | epochs | worker |")
+    print("|---" * (len(keys) + 5) + "|")
+    now = time.time()
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("skipped"):
+            continue
+        value = f"{t.value:.4f}" if t.value is not None else (f"({max(t.intermediate_values.values()):.2f})" if t.intermediate_values else "")
+        worker = ""
+        if t.state == TrialState.RUNNING:
+            beat = t.user_attrs.get("heartbeat_at")
+            worker = f"{t.user_attrs.get('worker_host', '?')}:{t.user_attrs.get('worker_pid', '?')}" + (f", beat {now - beat:.0f}s ago" if beat else "")
+        elif t.state == TrialState.FAIL:
+            worker = str(t.user_attrs.get("fail_reason", ""))[:60]
+        params = " | ".join(str(t.params.get(k, "")) for k in keys)
+        print(f"| {t.number} | {t.state.name.lower()} | {value} | {params} | {len(t.intermediate_values)} | {worker} |")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    print_status(StudyHandle.load(args.study, args.root))
+
+
+def cmd_best(args: argparse.Namespace) -> None:
+    handle = StudyHandle.load(args.study, args.root)
+    best = _best(handle.study())
+    if best is None:
+        print(f"study {handle.name} has no completed trial yet; see `ickd sweep status {handle.name}`", file=sys.stderr)
+        sys.exit(1)
+    overrides = [*handle.spec.base, *params_to_overrides(best.params)]
+    print(f"best trial {best.number}: {handle.spec.objective.metric} = {best.value:.4f} ({handle.spec.objective.mode}, {handle.spec.objective.direction})")
+    for key, value in best.params.items():
+        print(f"  {key} = {value}")
+    print(f"run folder: {best.user_attrs.get('run_dir')}")
+    print("reproduce:\n  ickd train " + " ".join(shlex.quote(o) for o in overrides))
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    handle = StudyHandle.load(args.study, args.root)
+    from optuna_dashboard import run_server
+
+    print(f"optuna-dashboard for {handle.name} on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
+    run_server(dashboard_storage(handle.spec.storage, handle.dir), host=args.host, port=args.port)
+
+
+def cmd_reap(args: argparse.Namespace) -> None:
+    handle = StudyHandle.load(args.study, args.root)
+    grace = args.grace if args.grace is not None else float(handle.spec.heartbeat.get("grace_s", 120))
+    reaped = reap(handle.study(), grace, int(handle.spec.retry.get("max_retries", 0)), retry=not args.no_retry)
+    if not reaped:
+        print("no trial with a lost worker")
+    for r in reaped:
+        print(f"trial {r['number']}: {r['reason']}" + (f"; retried as trial {r['retry']}" if r["retry"] is not None else "; not retried"))
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ickd sweep", description="Optuna studies of ickd runs")
+    parser.add_argument("--root", default=None, help="studies folder (default $ICKD_STUDIES or ./studies)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("create", help="create a study from a study file (sweeps/*.yaml)")
+    p.add_argument("file")
+    p.add_argument("--name")
+    p.add_argument("--storage", help="journal (default) or an SQLAlchemy URL without password, e.g. postgresql+psycopg2://user@host/db")
+    p.add_argument("--trials", type=int)
+    p.add_argument("--override", "-o", action="append", default=[], help="extra base override, e.g. -o teacher.checkpoint=PATH")
+    p.add_argument("--exist-ok", action="store_true")
+    p.set_defaults(func=cmd_create)
+    p = sub.add_parser("run", help="run local workers until the budget is used up")
+    p.add_argument("study")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--trials", type=int, help="total trial budget (updates the study)")
+    p.add_argument("--stop-timeout", type=float, default=600, help="seconds to wait for workers after Ctrl-C")
+    p.set_defaults(func=cmd_run)
+    for name, func, text in (("status", cmd_status, "trials by state, best so far"), ("best", cmd_best, "best params and the command that reproduces them")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("study")
+        p.set_defaults(func=func)
+    p = sub.add_parser("dashboard", help="optuna-dashboard for the study")
+    p.add_argument("study")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
+    p = sub.add_parser("reap", help="fail (and retry) trials whose worker is gone")
+    p.add_argument("study")
+    p.add_argument("--no-retry", action="store_true")
+    p.add_argument("--grace", type=float, default=None, help="seconds without heartbeat before a worker counts as gone")
+    p.set_defaults(func=cmd_reap)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        args.func(args)
+    except IckdError as exc:
+        print(f"ickd sweep: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,112 @@
+"""Where studies live: one interface, several Optuna storages.
+
+- default: Optuna's journal file ``<study dir>/journal.log`` (no server; safe for many processes on
+  one node, works on NFS in practice);
+- any SQLAlchemy URL, e.g. ``postgresql+psycopg2://user@host:5432/db`` for many nodes, with Optuna's
+  RDB heartbeats. Passwords never go into URLs that ickd stores or prints: use PGPASSWORD or
+  ~/.pgpass (libpq reads both).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+from ickd.errors import ConfigError
+
+JOURNAL_FILE = "journal.log"
+
+
+class StorageError(ConfigError):
+    """The study storage cannot be opened or reached."""
+
+
+def _url(url: str):
+    from sqlalchemy.engine import make_url
+
+    return make_url(url)
+
+
+def redact(url: str | None) -> str:
+    """The URL with any password replaced by ***, safe to print and log."""
+    if not url:
+        return "journal"
+    if "://" not in url or url.startswith("journal://"):
+        return url
+    try:
+        return _url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: hide the credentials part entirely
+        head, _, rest = url.partition("://")
+        return f"{head}://***@{rest.split('@', 1)[1]}" if "@" in rest else url
+
+
+def has_password(url: str | None) -> bool:
+    if not url or "://" not in url or url.startswith("journal://"):
+        return False
+    try:
+        return _url(url).password is not None
+    except Exception:
+        creds = url.split("://", 1)[1].split("@", 1)
+        return len(creds) == 2 and ":" in creds[0]
+
+
+def is_journal(url: str | None) -> bool:
+    return url in (None, "", "journal") or str(url).startswith("journal://") or str(url).endswith(".log")
+
+
+def journal_path(url: str | None, study_dir: Path) -> Path:
+    if url in (None, "", "journal"):
+        return study_dir / JOURNAL_FILE
+    text = str(url)
+    return Path(text[len("journal://"):] if text.startswith("journal://") else text)
+
+
+def open_storage(
+    url: str | None,
+    study_dir: Path,
+    heartbeat: Mapping[str, Any] | None = None,
+    retry: Mapping[str, Any] | None = None,
+) -> BaseStorage:
+    """Open the storage of a study (the journal file in ``study_dir`` by default)."""
+    if has_password(url):
+        raise StorageError(
+            f"the storage URL {redact(url)} contains a password; remove it from the URL and put it in "
+            "PGPASSWORD or ~/.pgpass (ickd never stores or prints passwords)"
+        )
+    if is_journal(url):
+        path = journal_path(url, study_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    heartbeat = dict(heartbeat or {})
+    max_retry = int((retry or {}).get("max_retries", 0))
+    try:
+        return RDBStorage(
+            str(url),
+            engine_kwargs={"pool_pre_ping": True, "connect_args": _connect_args(str(url))},
+            heartbeat_interval=int(heartbeat.get("interval_s", 30)),
+            grace_period=int(heartbeat.get("grace_s", 120)),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if max_retry > 0 else None,
+        )
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(
+            f"cannot open the study storage {redact(url)}: {reason}. Check that the database server runs "
+            "and is reachable from this node (host, port, database name), and that the password is in "
+            "PGPASSWORD or ~/.pgpass"
+        ) from None
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    # Fail fast instead of hanging on an unreachable host.
+    return {"connect_timeout": 10} if url.startswith("postgresql") else {}
+
+
+def dashboard_storage(url: str | None, study_dir: Path) -> str:
+    """The argument optuna-dashboard takes: a journal file path or the URL."""
+    return str(journal_path(url, study_dir)) if is_journal(url) else str(url)
+
+
+def is_rdb(storage: BaseStorage) -> bool:
+    return isinstance(storage, RDBStorage)

@@ -1,0 +1,95 @@
+"""A study on disk: ``<root>/<name>/`` holds ``study.yaml`` (the frozen study spec), the journal
+storage (by default), one folder per trial (``trials/<number>``) and the workers' logs."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from ickd.engine.checkpoint import atomic_write_text
+from ickd.errors import ConfigError
+from ickd.sweep.spec import StudySpec, load_spec
+from ickd.sweep.storage import open_storage, redact
+
+SPEC_FILE = "study.yaml"
+
+
+def studies_root(root: str | os.PathLike | None = None) -> Path:
+    return Path(root or os.environ.get("ICKD_STUDIES") or "studies")
+
+
+def resolve_study_dir(study: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """STUDY may be a study folder or a study name under the studies root."""
+    direct = Path(study)
+    if (direct / SPEC_FILE).is_file():
+        return direct
+    candidate = studies_root(root) / str(study)
+    if (candidate / SPEC_FILE).is_file():
+        return candidate
+    raise ConfigError(
+        f"no study {str(study)!r}: neither {direct}/{SPEC_FILE} nor {candidate}/{SPEC_FILE} exists. "
+        "Create it with `ickd sweep create sweeps/<file>.yaml` (or pass --root / set ICKD_STUDIES)"
+    )
+
+
+@dataclass
+class StudyHandle:
+    dir: Path
+    spec: StudySpec
+    _storage: Any = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def storage(self):
+        if self._storage is None:
+            self._storage = open_storage(self.spec.storage, self.dir, self.spec.heartbeat, self.spec.retry)
+        return self._storage
+
+    @property
+    def storage_label(self) -> str:
+        return redact(self.spec.storage) if self.spec.storage else f"journal file {self.dir / 'journal.log'}"
+
+    def study(self, seed_offset: int = 0) -> optuna.Study:
+        return optuna.load_study(
+            study_name=self.name,
+            storage=self.storage,
+            sampler=self.spec.build_sampler(seed_offset),
+            pruner=self.spec.build_pruner(),
+        )
+
+    def trial_dir(self, number: int) -> Path:
+        return self.dir / "trials" / f"{number:04d}"
+
+    def save_spec(self) -> None:
+        atomic_write_text(self.dir / SPEC_FILE, yaml.safe_dump(self.spec.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, study: str | os.PathLike, root: str | os.PathLike | None = None) -> "StudyHandle":
+        folder = resolve_study_dir(study, root)
+        return cls(folder, load_spec(folder / SPEC_FILE))
+
+    @classmethod
+    def create(cls, spec: StudySpec, root: str | os.PathLike | None = None, exist_ok: bool = False) -> "StudyHandle":
+        folder = studies_root(root) / spec.name
+        if (folder / SPEC_FILE).exists() and not exist_ok:
+            raise ConfigError(
+                f"study {spec.name!r} already exists in {folder}; continue it with `ickd sweep run {spec.name}`, "
+                "choose another --name, or delete the folder to start over"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = cls(folder, spec)
+        optuna.create_study(
+            study_name=spec.name,
+            storage=handle.storage,
+            direction=spec.objective.direction,
+            load_if_exists=exist_ok,
+        )
+        handle.save_spec()
+        return handle

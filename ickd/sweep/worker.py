@@ -1,0 +1,232 @@
+"""A study worker: ask a trial, compose its run config, train it, report each epoch, tell the result.
+
+Workers are independent processes (local, or SLURM array tasks) that share only the study storage.
+    python -m ickd.sweep.worker STUDY [--root DIR] [--index I]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ickd.config_store import compose_run_config
+from ickd.engine import Callback, RunInfo, train
+from ickd.errors import IckdError, NonFiniteLossError
+from ickd.sweep.liveness import worker_identity
+from ickd.sweep.reaper import enqueue_retry, reap
+from ickd.sweep.space import params_to_overrides
+from ickd.sweep.storage import is_rdb
+from ickd.sweep.studies import StudyHandle
+
+log = logging.getLogger("ickd.sweep")
+
+# Trials that use up the budget. FAIL trials do not (a failed trial is retried or reported).
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+class TrialCallback(Callback):
+    """Reports each epoch's objective to Optuna, prunes, keeps the heartbeat and honours SIGTERM."""
+
+    def __init__(self, trial: optuna.Trial, handle: StudyHandle, stop: threading.Event) -> None:
+        self.trial, self.handle, self.stop = trial, handle, stop
+        self.pruned = False
+        self.history: list[dict] = []
+
+    def _report(self, epoch: int) -> None:
+        value = self.handle.spec.objective_value(self.history)
+        if value is not None:
+            self.trial.report(value, epoch)
+
+    def on_run_start(self, run: RunInfo) -> None:
+        # A retried trial resumes from its checkpoint: re-report the epochs already done so the
+        # pruner compares it on equal terms.
+        metrics = Path(run.out_dir) / "metrics.jsonl"
+        if run.start_epoch > 0 and metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                self.history.append(json.loads(line))
+                self._report(self.history[-1]["epoch"])
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        self._report(epoch)
+        self.pruned = self.trial.should_prune()
+
+    def should_stop(self) -> bool:
+        return self.pruned or self.stop.is_set()
+
+
+class Heartbeat:
+    """Writes ``heartbeat_at`` (and Optuna's RDB heartbeat) every interval while a trial runs."""
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval_s: float) -> None:
+        self.study, self.trial_id, self.interval = study, trial_id, interval_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ickd-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        storage = self.study._storage
+        storage.set_trial_user_attr(self.trial_id, "heartbeat_at", time.time())
+        if is_rdb(storage):
+            storage.record_heartbeat(self.trial_id)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                self._beat()
+            except Exception as exc:  # a finished trial or a storage hiccup must not kill training
+                log.debug("heartbeat failed: %s", exc)
+
+    def __enter__(self) -> "Heartbeat":
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
+class StudyDone(Exception):
+    """The sampler declared the study finished (e.g. a grid sampler with no point left)."""
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None, state: TrialState | None = None) -> None:
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        # GridSampler calls study.stop() once the grid is exhausted, which Optuna only allows inside
+        # study.optimize; the trial's state is stored either way.
+        if "Study.stop" not in str(exc):
+            raise
+        raise StudyDone(str(exc)) from None
+
+
+def too_many_failures(study: optuna.Study, limit: int) -> bool:
+    """Trials that failed by themselves (not interrupted, skipped or lost): failed trials do not use
+    up the budget, so a study whose trials keep failing must stop instead of burning its nodes."""
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("failed_by_itself")]
+    return len(failed) >= limit
+
+
+def budget_left(study: optuna.Study, n_trials: int) -> bool:
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return True  # retries are part of the budget already
+    return sum(t.state in BUDGET_STATES for t in trials) < n_trials
+
+
+def over_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool:
+    """True if ``trial`` was created after the budget was used up by a concurrent worker."""
+    earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state in BUDGET_STATES]
+    return len(earlier) >= n_trials and "retry_of" not in trial.user_attrs
+
+
+def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, stop: threading.Event) -> str:
+    """Train one trial; returns the state it was told with."""
+    spec = handle.spec
+    run_dir = Path(trial.user_attrs.get("run_dir") or handle.trial_dir(trial.user_attrs.get("first_trial", trial.number)))
+    for key, value in {**worker_identity(), "run_dir": str(run_dir)}.items():
+        trial.set_user_attr(key, value)
+    overrides = [*spec.base, *params_to_overrides(trial.params), f"name={spec.name}-t{trial.number:04d}"]
+    trial.set_user_attr("overrides", overrides)
+    callback = TrialCallback(trial, handle, stop)
+    log.info("trial %d: %s -> %s", trial.number, " ".join(params_to_overrides(trial.params)), run_dir)
+    try:
+        with Heartbeat(study, trial._trial_id, float(spec.heartbeat.get("interval_s", 30))):
+            summary = train(compose_run_config(overrides), run_dir, callbacks=[callback])
+    except Exception as exc:  # the worker goes on with the next trial
+        reason = f"non-finite loss: {exc}" if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("failed_by_itself", True)
+        if not isinstance(exc, IckdError):
+            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+        log.error("trial %d failed: %s", trial.number, reason)
+        tell(study, trial, state=TrialState.FAIL)
+        return "FAIL"
+    if callback.pruned:
+        tell(study, trial, state=TrialState.PRUNED)
+        return "PRUNED"
+    if summary["status"] == "stopped" and stop.is_set():
+        # Interrupted (SIGTERM/SIGINT): fail it and queue a retry that resumes from the checkpoint,
+        # so stopping a study loses nothing and runs nothing twice.
+        trial.set_user_attr("fail_reason", "interrupted; retried from its checkpoint")
+        tell(study, trial, state=TrialState.FAIL)
+        enqueue_retry(study, study.trials[trial.number], "interrupted", count_as_retry=False)
+        return "INTERRUPTED"
+    value = spec.objective_value(callback.history)
+    if value is None:
+        trial.set_user_attr("fail_reason", f"objective metric {spec.objective.metric!r} never reported")
+        trial.set_user_attr("failed_by_itself", True)
+        tell(study, trial, state=TrialState.FAIL)
+        return "FAIL"
+    tell(study, trial, value)
+    return "COMPLETE"
+
+
+def run_worker(study: str, root: str | None = None, index: int = 0, max_trials: int | None = None) -> dict[str, int]:
+    """Run trials until the study's budget is used up (or ``max_trials`` here, or SIGTERM)."""
+    handle = StudyHandle.load(study, root)
+    spec = handle.spec
+    stop = threading.Event()
+
+    def on_signal(signum, frame):  # finish the current epoch, checkpoint, then stop
+        log.warning("worker %d: signal %d, stopping after this epoch", index, signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    optuna_study = handle.study(seed_offset=index)
+    counts: dict[str, int] = {}
+    grace = float(spec.heartbeat.get("grace_s", 120))
+    max_retries = int(spec.retry.get("max_retries", 0))
+    max_failures = int(spec.retry.get("max_failures") or max(3, spec.n_trials))
+    while not stop.is_set() and (max_trials is None or sum(counts.values()) < max_trials):
+        reap(optuna_study, grace, max_retries)
+        if not budget_left(optuna_study, spec.n_trials):
+            break
+        if too_many_failures(optuna_study, max_failures):
+            log.error("stopping: %d trials failed by themselves; see `ickd sweep status %s`", max_failures, spec.name)
+            break
+        trial = optuna_study.ask(fixed_distributions=spec.space)
+        try:
+            if over_budget(optuna_study, trial, spec.n_trials):
+                trial.set_user_attr("fail_reason", "not run: the study's budget was used up by other workers")
+                trial.set_user_attr("skipped", True)
+                tell(optuna_study, trial, state=TrialState.FAIL)
+                break
+            state = run_trial(handle, optuna_study, trial, stop)
+        except StudyDone:
+            break
+        counts[state] = counts.get(state, 0) + 1
+    log.info("worker %d done: %s", index, counts or "no trial left")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ickd.sweep.worker", description="run trials of a study until its budget is used up")
+    parser.add_argument("study")
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--index", type=int, default=0, help="worker index (seeds its sampler differently)")
+    parser.add_argument("--max-trials", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{args.index} %(levelname)s %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        run_worker(args.study, args.root, args.index, args.max_trials)
+    except IckdError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

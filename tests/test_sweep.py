@@ -1,0 +1,269 @@
+"""Optuna studies against real storages: journal files with several worker processes, a real
+PostgreSQL server, kill -9 of a worker, reaping, resume, budget, pruning, and optuna-dashboard."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from ickd.config_store import compose_run_config
+from ickd.sweep.spec import load_spec
+from ickd.sweep.storage import StorageError, open_storage
+from ickd.sweep.studies import StudyHandle
+from ickd.sweep.worker import run_worker
+from tests.helpers import REPO
+from tests.services import free_port, postgres_bin, postgres_server
+
+SMOKE = REPO / "sweeps" / "synthetic_smoke.yaml"
+
+
+def ickd(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "ickd.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def study_file(tmp_path: Path, teacher_dir: Path, **changes) -> Path:
+    """The shipped smoke study with the test's teacher and any changes."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    # Offline from the session's trained teacher: about half the cost of the file's online peers.
+    spec["base"] = [*spec["base"], "paradigm=offline", f"teacher.checkpoint={teacher_dir}"]
+    for key, value in changes.items():
+        spec[key] = value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def trials(handle: StudyHandle) -> list[optuna.trial.FrozenTrial]:
+    return handle.study().get_trials(deepcopy=False)
+
+
+def counted(handle: StudyHandle) -> int:
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials(handle))
+
+
+@pytest.mark.slow
+def test_create_run_status_best_with_journal_storage_and_two_workers(tmp_path, teacher_dir):
+    root = tmp_path / "studies"
+    out = ickd("sweep", "--root", str(root), "create", str(study_file(tmp_path, teacher_dir)), "--name", "smoke", "--trials", "4").stdout
+    assert "study 'smoke' created" in out and (root / "smoke" / "study.yaml").is_file()
+    run = ickd("sweep", "--root", str(root), "run", "smoke", "--workers", "2").stdout
+    handle = StudyHandle.load("smoke", root)
+    assert counted(handle) == 4
+    assert (root / "smoke" / "journal.log").is_file()
+    for t in trials(handle):
+        if t.state == TrialState.COMPLETE:
+            run_dir = Path(t.user_attrs["run_dir"])
+            assert run_dir == root / "smoke" / "trials" / f"{t.number:04d}"  # named by study + trial
+            history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            assert t.value == max(m["val/top1"] for m in history)  # objective: best val/top1
+            assert sorted(t.intermediate_values) == [m["epoch"] for m in history]
+    hosts = {t.user_attrs["worker_pid"] for t in trials(handle)}
+    assert len(hosts) == 2  # both workers ran trials
+    assert "complete 4" in run and "| trial | state |" in run
+    status = ickd("sweep", "--root", str(root), "status", "smoke").stdout
+    assert "complete 4 of 4" in status and "best: trial" in status
+    best = ickd("sweep", "--root", str(root), "best", "smoke").stdout
+    command = best.split("reproduce:\n")[1].strip()
+    assert command.startswith("ickd train ")
+    # The printed command composes to the best trial's parameters.
+    import shlex
+
+    cfg = compose_run_config(shlex.split(command)[2:])
+    best_trial = handle.study().best_trial
+    for key, value in best_trial.params.items():
+        assert compose_run_config.__module__ and __import__("omegaconf").OmegaConf.select(cfg, key) == value
+
+
+@pytest.mark.slow
+def test_budget_is_never_exceeded_with_four_concurrent_workers(tmp_path, teacher_dir):
+    root = tmp_path / "studies"
+    ickd("sweep", "--root", str(root), "create", str(study_file(tmp_path, teacher_dir)), "--name", "b", "--trials", "5")
+    ickd("sweep", "--root", str(root), "run", "b", "--workers", "4")
+    handle = StudyHandle.load("b", root)
+    all_trials = trials(handle)
+    ran = [t for t in all_trials if not t.user_attrs.get("skipped")]
+    assert counted(handle) == 5 and len(ran) == 5
+    # A worker that raced past the budget records a skipped trial and never trains it.
+    for t in all_trials:
+        if t.user_attrs.get("skipped"):
+            assert t.state == TrialState.FAIL and "run_dir" not in t.user_attrs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL server binaries missing (CI installs postgresql)")
+def test_postgresql_storage_with_three_workers_and_heartbeats(tmp_path, teacher_dir):
+    root = tmp_path / "studies"
+    with postgres_server() as url:
+        ickd("sweep", "--root", str(root), "create", str(study_file(tmp_path, teacher_dir)), "--name", "pg", "--trials", "6", "--storage", url)
+        saved = yaml.safe_load((root / "pg" / "study.yaml").read_text())
+        assert saved["storage"] == url  # no password to hide: trust auth on loopback
+        ickd("sweep", "--root", str(root), "run", "pg", "--workers", "3")
+        handle = StudyHandle.load("pg", root)
+        assert type(handle.storage).__name__ == "RDBStorage"
+        assert counted(handle) == 6
+        assert len({t.user_attrs["worker_pid"] for t in trials(handle)}) >= 2
+        # Optuna's own RDB heartbeat was recorded for the trials.
+        assert handle.storage.get_heartbeat_interval() == int(handle.spec.heartbeat["interval_s"])
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_killed_worker_is_reaped_and_its_trial_retried_from_the_checkpoint(tmp_path, teacher_dir):
+    root = tmp_path / "studies"
+    path = study_file(tmp_path, teacher_dir)
+    ickd("sweep", "--root", str(root), "create", str(path), "--name", "k", "--trials", "1", "-o", "trainer.epochs=12")
+    handle = StudyHandle.load("k", root)
+    worker = subprocess.Popen([sys.executable, "-m", "ickd.sweep.worker", str(handle.dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = handle.trial_dir(0)
+
+    def epochs_done() -> int:
+        f = run_dir / "metrics.jsonl"
+        return len(f.read_text().splitlines()) if f.is_file() else 0
+
+    _wait_for(lambda: epochs_done() >= 2, 300, "two epochs of trial 0")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    done_before = epochs_done()
+    assert done_before < 12
+    (t0,) = trials(handle)
+    assert t0.state == TrialState.RUNNING  # journal storage: nobody else knows the worker died
+
+    reaped = ickd("sweep", "--root", str(root), "reap", "k").stdout
+    assert "trial 0: worker process" in reaped and "retried as trial 1" in reaped
+    t0, t1 = trials(handle)
+    assert t0.state == TrialState.FAIL and "gone" in t0.user_attrs["fail_reason"]
+    assert t1.state == TrialState.WAITING and t1.params == t0.params and t1.user_attrs["run_dir"] == str(run_dir)
+
+    run_worker(str(handle.dir))  # the retry resumes from the checkpoint in the same folder
+    t0, t1 = trials(handle)
+    assert t1.state == TrialState.COMPLETE
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["resumed_from_epoch"] >= 2 and result["epochs_completed"] == 12
+    epochs = [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 13))  # nothing lost, nothing counted twice
+    assert sorted(t1.intermediate_values) == list(range(1, 13))  # re-reported after the resume
+    assert counted(handle) == 1  # the budget of 1 is respected
+
+
+@pytest.mark.slow
+def test_stopped_study_resumes_with_nothing_lost_or_duplicated(tmp_path, teacher_dir):
+    root = tmp_path / "studies"
+    ickd("sweep", "--root", str(root), "create", str(study_file(tmp_path, teacher_dir)), "--name", "s", "--trials", "2", "-o", "trainer.epochs=10")
+    handle = StudyHandle.load("s", root)
+    worker = subprocess.Popen([sys.executable, "-m", "ickd.sweep.worker", str(handle.dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (handle.trial_dir(0) / "metrics.jsonl").is_file(), 300, "the first epoch")
+    worker.send_signal(signal.SIGTERM)  # what `ickd sweep run` sends on Ctrl-C, and SLURM on cancel
+    assert worker.wait(timeout=120) == 0
+    states = [t.state for t in trials(handle)]
+    assert states[0] == TrialState.FAIL and TrialState.WAITING in states
+    ickd("sweep", "--root", str(root), "run", "s", "--workers", "1")
+    assert counted(handle) == 2
+    epochs = [json.loads(x)["epoch"] for x in (handle.trial_dir(0) / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 11))
+
+
+def test_failing_and_nan_trials_are_failed_with_their_reason_and_the_worker_goes_on(tmp_path, teacher_dir):
+    path = study_file(
+        tmp_path, teacher_dir,
+        space={"memory.k": "choice(4, 600)", "optim.lr": "choice(0.1, 1e30)"},
+        pruner={"name": "none"},
+    )
+    spec = load_spec(path, name="f", n_trials=1)
+    handle = StudyHandle.create(spec, tmp_path / "studies")
+    study = handle.study()
+    for params in ({"memory.k": 600, "optim.lr": 0.1}, {"memory.k": 4, "optim.lr": 1e30}, {"memory.k": 4, "optim.lr": 0.1}):
+        study.enqueue_trial(params)
+    run_worker(str(handle.dir))
+    by_params = {(t.params["memory.k"], t.params["optim.lr"]): t for t in trials(handle)}
+    assert len(by_params) == 3  # the worker went on after each failure until the budget (1) was met
+    assert by_params[(4, 0.1)].state == TrialState.COMPLETE
+    assert by_params[(600, 0.1)].state == TrialState.FAIL and "memory.k" in by_params[(600, 0.1)].user_attrs["fail_reason"]
+    assert by_params[(4, 1e30)].state == TrialState.FAIL and "non-finite" in by_params[(4, 1e30)].user_attrs["fail_reason"]
+
+
+def test_a_study_whose_trials_keep_failing_stops(tmp_path, teacher_dir):
+    path = study_file(tmp_path, teacher_dir, space={"memory.k": "choice(600, 700)"}, sampler={"name": "random", "seed": 0})
+    handle = StudyHandle.create(load_spec(path, name="g", n_trials=2), tmp_path / "studies")
+    run_worker(str(handle.dir))  # returns instead of trying failing points forever
+    failed = trials(handle)
+    assert len(failed) == 3 and all(t.state == TrialState.FAIL for t in failed)
+
+
+def test_a_trial_worse_than_the_median_is_pruned(tmp_path, teacher_dir):
+    path = study_file(
+        tmp_path, teacher_dir,
+        space={"optim.lr": "choice(0.1, 1e-6)"},
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+    )
+    spec = load_spec(path, name="p", n_trials=2)
+    handle = StudyHandle.create(spec, tmp_path / "studies")
+    study = handle.study()
+    study.enqueue_trial({"optim.lr": 0.1})
+    study.enqueue_trial({"optim.lr": 1e-6})  # learns nothing: below the first trial's curve
+    run_worker(str(handle.dir))
+    good, bad = trials(handle)
+    assert good.state == TrialState.COMPLETE
+    assert bad.state == TrialState.PRUNED and len(bad.intermediate_values) == 1
+
+
+def test_invalid_space_is_rejected_before_any_trial(tmp_path, teacher_dir):
+    path = study_file(tmp_path, teacher_dir, space={"memory.kk": "choice(4, 8)"})
+    proc = ickd("sweep", "--root", str(tmp_path / "studies"), "create", str(path), "--name", "bad", check=False)
+    assert proc.returncode == 2 and "memory.kk" in proc.stderr and "memory.k" in proc.stderr
+    assert not (tmp_path / "studies" / "bad").exists()
+
+
+def test_storage_urls_with_passwords_are_refused_and_never_printed(tmp_path):
+    with pytest.raises(StorageError) as info:
+        open_storage("postgresql+psycopg2://me:s3cret@127.0.0.1:5/db", tmp_path)
+    assert "s3cret" not in str(info.value) and "PGPASSWORD" in str(info.value)
+
+
+def test_unreachable_storage_is_a_clear_error(tmp_path):
+    port = free_port()  # nothing listens there
+    start = time.time()
+    with pytest.raises(StorageError) as info:
+        open_storage(f"postgresql+psycopg2://me@127.0.0.1:{port}/db", tmp_path)
+    assert f"127.0.0.1:{port}" in str(info.value) and "reachable" in str(info.value)
+    assert time.time() - start < 30
+
+
+@pytest.mark.slow
+def test_dashboard_serves_the_study_on_loopback(tmp_path, teacher_dir):
+    root = tmp_path / "studies"
+    ickd("sweep", "--root", str(root), "create", str(study_file(tmp_path, teacher_dir)), "--name", "dash", "--trials", "1")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ickd.cli", "sweep", "--root", str(root), "dashboard", "dash", "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        body = None
+        deadline = time.time() + 60
+        while time.time() < deadline and body is None:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None and "dash" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
