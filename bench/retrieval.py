@@ -71,7 +71,7 @@ def main() -> None:
         "rows": rows,
     }
     print(json.dumps(report))
-    print(f"\n| backend | bank MxD | batch | k | ms/batch (median) | ms (min) | bank MB |\n|---|---|---|---|---|---|---|")
+    print("\n| backend | bank MxD | batch | k | ms/batch (median) | ms (min) | bank MB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['bank']} | {r['batch']} | {r['k']} | {r['ms_median']} | {r['ms_min']} | {r['bank_bytes'] / 2**20:.1f} |")
 
