@@ -1,8 +1,9 @@
 """`ickd demo`: the main job on real data, sized for 2 CPU cores.
 
-Trains a small Fashion-MNIST teacher, then distils the same small student three ways (CE, KD,
-IC-KD) and prints a comparison table. Every stage is an ordinary `ickd train` run (its command is
-printed) under one output folder.
+Trains a small Fashion-MNIST teacher; distils the same small student with CE, KD and IC-KD (default
+settings); runs a small Optuna study of IC-KD (a few trials, two local workers); retrains IC-KD with
+the study's best parameters; prints a comparison table. Every run is an ordinary `ickd train` run
+(its command is printed) under one output folder.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ickd.engine import train
 from ickd.engine.checkpoint import atomic_write_json, atomic_write_text
 
 STUDENT_RUNS = [("CE", "distill=ce"), ("KD", "distill=kd"), ("IC-KD", "distill=ickd")]
+STUDY_FILE = Path(__file__).resolve().parent.parent / "sweeps" / "fmnist_ickd_quick.yaml"
 
 
 def _table(rows: list[dict]) -> str:
@@ -51,15 +53,53 @@ def _plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _train(label: str, overrides: list[str], run_dir: Path) -> dict:
+    cfg = compose_run_config(overrides)
+    print(f"\n[{label}] ickd train " + " ".join(shlex.quote(o) for o in overrides) + f" hydra.run.dir={run_dir}", flush=True)
+    summary = train(cfg, run_dir)
+    print(f"[{label}] best top-1 {summary['best_top1']:.2f}, last {summary['last_top1']:.2f}, {summary['wall_time_s']:.0f} s", flush=True)
+    return summary
+
+
+def _study(out: Path, teacher: Path, overrides: list[str], trials: int, workers: int) -> tuple[dict | None, dict]:
+    """A small IC-KD study; returns the best trial's params (None if no trial completed) and info."""
+    from ickd.sweep.cli import print_status, run_workers
+    from ickd.sweep.spec import load_spec
+    from ickd.sweep.studies import StudyHandle
+
+    spec = load_spec(STUDY_FILE, name="demo", n_trials=trials)
+    spec.base = [*spec.base, f"teacher.checkpoint={teacher}", *overrides]
+    handle = StudyHandle.create(spec, out / "studies")
+    print(f"\n[study] ickd sweep create {STUDY_FILE.relative_to(STUDY_FILE.parent.parent)} --name demo --trials {trials} "
+          f"-o teacher.checkpoint={teacher} --root {out / 'studies'} && ickd sweep run demo --workers {workers} --root {out / 'studies'}", flush=True)
+    start = time.perf_counter()
+    codes = run_workers(handle, workers)
+    wall = time.perf_counter() - start
+    print_status(handle)
+    study = handle.study()
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    info = {"wall_time_s": wall, "states": states, "worker_exit_codes": codes, "folder": str(handle.dir)}
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None, info
+    info.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+    return best.params, info
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="ickd demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default demo-runs/<time>)")
     parser.add_argument("--experiment", default="fashion_mnist/demo", help="experiment config the runs start from")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.epochs=2")
+    parser.add_argument("--study-trials", type=int, default=4, help="trials of the IC-KD study (0 skips it)")
+    parser.add_argument("--study-workers", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run and trial, e.g. trainer.epochs=2")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ickd").setLevel(logging.INFO)  # one line per epoch
-    out = args.out or Path("demo-runs") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = (args.out or Path("demo-runs") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = [f"experiment={args.experiment}", *args.overrides]
     start = time.perf_counter()
@@ -69,29 +109,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"ickd demo: real Fashion-MNIST, {ds.train_subset or 'all'} training images (class-balanced subset) and "
         f"{ds.val_subset or 'all 10000'} test images, {teacher_cfg.trainer.epochs} epochs per run: a short CPU "
-        "schedule, not the paper's recipe. Output: " + str(out),
+        f"schedule, not the paper's recipe; then a {args.study_trials}-trial IC-KD study. Output: {out}",
         flush=True,
     )
-    stages = [("teacher", [*base, "stage=teacher"], out / "teacher")]
+    teacher_dir = out / "teacher"
+    summary = _train("teacher", [*base, "stage=teacher"], teacher_dir)
+    rows = [{"run": f"teacher ({teacher_cfg.teacher.name})", **summary}]
     for label, override in STUDENT_RUNS:
-        stages.append((label, [*base, override, f"teacher.checkpoint={out / 'teacher'}"], out / label.lower().replace("-", "")))
+        run_dir = out / label.lower().replace("-", "")
+        rows.append({"run": label, **_train(label, [*base, override, f"teacher.checkpoint={teacher_dir}"], run_dir)})
 
-    rows = []
-    for label, overrides, run_dir in stages:
-        cfg = compose_run_config(overrides)
-        command = "ickd train " + " ".join(shlex.quote(o) for o in overrides) + f" hydra.run.dir={run_dir}"
-        print(f"\n[{label}] {command}", flush=True)
-        summary = train(cfg, run_dir)
-        rows.append({"run": label if label != "teacher" else f"teacher ({cfg.model.name if cfg.get('model') else cfg.teacher.name})", **summary})
-        print(f"[{label}] best top-1 {summary['best_top1']:.2f}, last {summary['last_top1']:.2f}, {summary['wall_time_s']:.0f} s", flush=True)
+    study_info: dict = {}
+    if args.study_trials > 0:
+        from ickd.sweep.space import params_to_overrides
+
+        params, study_info = _study(out, teacher_dir, args.overrides, args.study_trials, args.study_workers)
+        if params is not None:
+            tuned = params_to_overrides(params)
+            label = "IC-KD (study best)"
+            summary = _train(label, [*base, "distill=ickd", f"teacher.checkpoint={teacher_dir}", *tuned], out / "ickd_tuned")
+            rows.append({"run": f"{label}: " + ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in params.items()), **summary})
 
     table = _table(rows)
     total = time.perf_counter() - start
     student = compose_run_config(base).student
     print(f"\nFashion-MNIST test top-1 (student {student.name} {dict(student.kwargs) or ''}), total {total:.0f} s:\n")
     print(table)
+    if study_info:
+        print(f"\nstudy: {study_info['states']} in {study_info['wall_time_s']:.0f} s, folder {study_info['folder']}")
     atomic_write_text(out / "summary.md", table + "\n")
-    atomic_write_json(out / "summary.json", {"rows": rows, "total_wall_time_s": total})
+    atomic_write_json(out / "summary.json", {"rows": rows, "study": study_info, "total_wall_time_s": total})
     if _plot(rows, out / "curves.png"):
         print(f"\nlearning curves: {out / 'curves.png'}")
     return rows

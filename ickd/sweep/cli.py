@@ -53,7 +53,7 @@ def cmd_create(args: argparse.Namespace) -> None:
     print(f"next: ickd sweep run {spec.name} --workers 2" + (f" --root {args.root}" if args.root else ""))
 
 
-def _spawn_worker(handle: StudyHandle, index: int, root: str | None) -> subprocess.Popen:
+def _spawn_worker(handle: StudyHandle, index: int) -> subprocess.Popen:
     logs = handle.dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "ickd.sweep.worker", str(handle.dir), "--index", str(index)]
@@ -63,22 +63,20 @@ def _spawn_worker(handle: StudyHandle, index: int, root: str | None) -> subproce
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    handle = StudyHandle.load(args.study, args.root)
-    if args.trials is not None and args.trials != handle.spec.n_trials:
-        handle.spec.n_trials = args.trials
-        handle.save_spec()
+def run_workers(handle: StudyHandle, workers: int, stop_timeout: float = 600) -> list[int]:
+    """Reap what a previous run left, start ``workers`` local worker processes and wait for them,
+    with a progress bar; Ctrl-C stops them after their current epoch. Returns their exit codes."""
     study = handle.study()
     reaped = reap(study, float(handle.spec.heartbeat.get("grace_s", 120)), int(handle.spec.retry.get("max_retries", 0)))
     for r in reaped:
         print(f"trial {r['number']}: {r['reason']}" + (f"; retried as trial {r['retry']}" if r["retry"] is not None else ""))
-    print(f"study {handle.name}: {handle.spec.n_trials} trials, {args.workers} local workers, logs in {handle.dir / 'workers'}")
-    workers = [_spawn_worker(handle, i, args.root) for i in range(args.workers)]
+    print(f"study {handle.name}: {handle.spec.n_trials} trials, {workers} local workers, logs in {handle.dir / 'workers'}", flush=True)
+    procs = [_spawn_worker(handle, i) for i in range(workers)]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=handle.spec.n_trials, desc=f"{handle.name}", unit="trial", disable=not sys.stderr.isatty())
+    bar = tqdm(total=handle.spec.n_trials, desc=handle.name, unit="trial", disable=not sys.stderr.isatty())
     try:
-        while any(w.poll() is None for w in workers):
+        while any(p.poll() is None for p in procs):
             time.sleep(2)
             counts = _states(study)
             bar.n = counts["COMPLETE"] + counts["PRUNED"]
@@ -86,17 +84,25 @@ def cmd_run(args: argparse.Namespace) -> None:
             bar.refresh()
     except KeyboardInterrupt:
         print("\nstopping workers after their current epoch (checkpoints kept; `ickd sweep run` resumes)...")
-        for w in workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
             try:
-                w.wait(timeout=args.stop_timeout)
+                p.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
-                w.kill()
+                p.kill()
     finally:
         bar.close()
-    codes = [w.wait() for w in workers]
+    return [p.wait() for p in procs]
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    handle = StudyHandle.load(args.study, args.root)
+    if args.trials is not None and args.trials != handle.spec.n_trials:
+        handle.spec.n_trials = args.trials
+        handle.save_spec()
+    codes = run_workers(handle, args.workers, args.stop_timeout)
     print_status(handle)
     if any(codes):
         print(f"workers exited with codes {codes}; see {handle.dir / 'workers'}", file=sys.stderr)
