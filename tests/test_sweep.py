@@ -101,21 +101,35 @@ def test_budget_is_never_exceeded_with_four_concurrent_workers(tmp_path, teacher
             assert t.state == TrialState.FAIL and "run_dir" not in t.user_attrs
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL server binaries missing (CI installs postgresql)")
-def test_postgresql_storage_with_three_workers_and_heartbeats(tmp_path, teacher_dir):
-    root = tmp_path / "studies"
+needs_postgres = pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL server binaries missing (CI installs postgresql)")
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    """A real PostgreSQL server on a private loopback port for this module's tests."""
     with postgres_server() as url:
-        ickd("sweep", "--root", str(root), "create", str(study_file(tmp_path, teacher_dir)), "--name", "pg", "--trials", "6", "--storage", url)
-        saved = yaml.safe_load((root / "pg" / "study.yaml").read_text())
-        assert saved["storage"] == url  # no password to hide: trust auth on loopback
-        ickd("sweep", "--root", str(root), "run", "pg", "--workers", "3")
-        handle = StudyHandle.load("pg", root)
-        assert type(handle.storage).__name__ == "RDBStorage"
-        assert counted(handle) == 6
-        assert len({t.user_attrs["worker_pid"] for t in trials(handle)}) >= 2
-        # Optuna's own RDB heartbeat was recorded for the trials.
-        assert handle.storage.get_heartbeat_interval() == int(handle.spec.heartbeat["interval_s"])
+        yield url
+
+
+@pytest.mark.slow
+@needs_postgres
+def test_postgresql_storage_with_three_workers_and_heartbeats(tmp_path, teacher_dir, pg_url):
+    root = tmp_path / "studies"
+    url = pg_url
+    ickd("sweep", "--root", str(root), "create", str(study_file(tmp_path, teacher_dir)), "--name", "pg", "--trials", "6", "--storage", url)
+    saved = yaml.safe_load((root / "pg" / "study.yaml").read_text())
+    assert saved["storage"] == url  # no password to hide: trust auth on loopback
+    ickd("sweep", "--root", str(root), "run", "pg", "--workers", "3")
+    handle = StudyHandle.load("pg", root)
+    assert type(handle.storage).__name__ == "RDBStorage"
+    assert counted(handle) == 6
+    assert len({t.user_attrs["worker_pid"] for t in trials(handle)}) >= 2
+    # Optuna's own RDB heartbeats were written by the workers (its trial_heartbeats table).
+    assert handle.storage.get_heartbeat_interval() == int(handle.spec.heartbeat["interval_s"])
+    import sqlalchemy
+
+    with sqlalchemy.create_engine(url).connect() as conn:
+        assert conn.execute(sqlalchemy.text("select count(*) from trial_heartbeats")).scalar() >= 6
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -128,11 +142,14 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_killed_worker_is_reaped_and_its_trial_retried_from_the_checkpoint(tmp_path, teacher_dir):
+@pytest.mark.parametrize("storage", ["journal", pytest.param("postgresql", marks=needs_postgres)])
+def test_killed_worker_is_reaped_and_its_trial_retried_from_the_checkpoint(tmp_path, teacher_dir, storage, request):
     root = tmp_path / "studies"
     path = study_file(tmp_path, teacher_dir)
-    ickd("sweep", "--root", str(root), "create", str(path), "--name", "k", "--trials", "1", "-o", "trainer.epochs=12")
-    handle = StudyHandle.load("k", root)
+    name = f"k{storage}"  # study names are unique per PostgreSQL database
+    extra = ["--storage", request.getfixturevalue("pg_url")] if storage == "postgresql" else []
+    ickd("sweep", "--root", str(root), "create", str(path), "--name", name, "--trials", "1", "-o", "trainer.epochs=12", *extra)
+    handle = StudyHandle.load(name, root)
     worker = subprocess.Popen([sys.executable, "-m", "ickd.sweep.worker", str(handle.dir)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = handle.trial_dir(0)
 
@@ -146,9 +163,9 @@ def test_killed_worker_is_reaped_and_its_trial_retried_from_the_checkpoint(tmp_p
     done_before = epochs_done()
     assert done_before < 12
     (t0,) = trials(handle)
-    assert t0.state == TrialState.RUNNING  # journal storage: nobody else knows the worker died
+    assert t0.state == TrialState.RUNNING  # nobody has noticed yet that the worker died
 
-    reaped = ickd("sweep", "--root", str(root), "reap", "k").stdout
+    reaped = ickd("sweep", "--root", str(root), "reap", name).stdout
     assert "trial 0: worker process" in reaped and "retried as trial 1" in reaped
     t0, t1 = trials(handle)
     assert t0.state == TrialState.FAIL and "gone" in t0.user_attrs["fail_reason"]
