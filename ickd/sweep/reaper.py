@@ -15,7 +15,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState, create_trial
 
 from ickd.sweep.liveness import worker_is_gone
-from ickd.sweep.storage import is_rdb
+from ickd.sweep.storage import uses_heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str
 def reap(study: optuna.Study, grace_s: float, max_retries: int, retry: bool = True, now: float | None = None) -> list[dict]:
     """Fail every RUNNING trial whose worker is gone and, within ``max_retries``, queue a retry."""
     reaped: list[dict] = []
-    if is_rdb(study._storage):
+    if uses_heartbeats(study._storage):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         optuna.storages.fail_stale_trials(study)  # heartbeat-based; its callback queues retries
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}

@@ -108,5 +108,8 @@ def dashboard_storage(url: str | None, study_dir: Path) -> str:
     return str(journal_path(url, study_dir)) if is_journal(url) else str(url)
 
 
-def is_rdb(storage: BaseStorage) -> bool:
-    return isinstance(storage, RDBStorage)
+def uses_heartbeats(storage: BaseStorage) -> bool:
+    """True for storages with Optuna's heartbeats (RDB), also behind the cache wrapper that
+    ``optuna.load_study`` puts around an RDBStorage."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(interval) and interval() is not None

@@ -25,7 +25,7 @@ from ickd.errors import IckdError, NonFiniteLossError
 from ickd.sweep.liveness import worker_identity
 from ickd.sweep.reaper import enqueue_retry, reap
 from ickd.sweep.space import params_to_overrides
-from ickd.sweep.storage import is_rdb
+from ickd.sweep.storage import uses_heartbeats
 from ickd.sweep.studies import StudyHandle
 
 log = logging.getLogger("ickd.sweep")
@@ -76,7 +76,7 @@ class Heartbeat:
     def _beat(self) -> None:
         storage = self.study._storage
         storage.set_trial_user_attr(self.trial_id, "heartbeat_at", time.time())
-        if is_rdb(storage):
+        if uses_heartbeats(storage):
             storage.record_heartbeat(self.trial_id)
 
     def _run(self) -> None:
