@@ -226,6 +226,14 @@ def test_a_study_whose_trials_keep_failing_stops(tmp_path, teacher_dir):
     assert len(failed) == 3 and all(t.state == TrialState.FAIL for t in failed)
 
 
+def test_max_failures_setting_stops_the_study_sooner(tmp_path, teacher_dir):
+    path = study_file(tmp_path, teacher_dir, space={"memory.k": "choice(600, 700)"}, sampler={"name": "random", "seed": 0},
+                      retry={"max_retries": 0, "max_failures": 1})
+    handle = StudyHandle.create(load_spec(path, name="mf", n_trials=5), tmp_path / "studies")
+    run_worker(str(handle.dir))
+    assert [t.state for t in trials(handle)] == [TrialState.FAIL]
+
+
 def test_a_trial_worse_than_the_median_is_pruned(tmp_path, teacher_dir):
     path = study_file(
         tmp_path, teacher_dir,

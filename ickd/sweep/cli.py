@@ -57,14 +57,14 @@ def _spawn_worker(handle: StudyHandle, index: int, workers: int) -> subprocess.P
     logs = handle.dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "ickd.sweep.worker", str(handle.dir), "--index", str(index)]
-    out = open(logs / f"worker-{index}.log", "ab")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Share the cores: N workers each using every core oversubscribe the CPU, and OpenMP's
     # spin-waiting then makes small-batch training many times slower (measured here, 2 workers on 2
     # cores: the first epoch of a demo trial took 91 s with 2 threads each, 13 s with 1).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     # Each worker in its own session so a Ctrl-C here is handled once, by us, not twice.
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(logs / f"worker-{index}.log", "ab") as out:  # the child keeps its own copy of the fd
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def run_workers(handle: StudyHandle, workers: int, stop_timeout: float = 600) -> list[int]:

@@ -50,7 +50,7 @@ PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
 MODES = ("best", "last")
 DIRECTIONS = ("maximize", "minimize")
 TOP_KEYS = ("name", "base", "objective", "space", "sampler", "pruner", "n_trials", "storage", "retry", "heartbeat")
-DEFAULT_RETRY = {"max_retries": 2}
+DEFAULT_RETRY = {"max_retries": 2, "max_failures": None}  # None: max(3, n_trials)
 DEFAULT_HEARTBEAT = {"interval_s": 30, "grace_s": 120}
 # The name becomes a folder and an Optuna study name: keep it portable.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -338,9 +338,11 @@ def _build(data: dict[str, Any], name: str | None, storage: str | None, n_trials
     url = _check_storage(storage if storage is not None else data.get("storage"))
     retry = _mapping(data.get("retry"), "retry", DEFAULT_RETRY)
     if set(retry) - set(DEFAULT_RETRY):
-        raise SpecError(f"retry.{sorted(set(retry) - set(DEFAULT_RETRY))[0]} is not a setting; retry has max_retries")
+        raise SpecError(f"retry.{sorted(set(retry) - set(DEFAULT_RETRY))[0]} is not a setting; retry has max_retries, max_failures")
     retry = {**DEFAULT_RETRY, **retry}
     _positive_int(retry["max_retries"], "retry.max_retries", allow_zero=True)
+    if retry["max_failures"] is not None:
+        _positive_int(retry["max_failures"], "retry.max_failures")
     heartbeat = _mapping(data.get("heartbeat"), "heartbeat", DEFAULT_HEARTBEAT)
     if set(heartbeat) - set(DEFAULT_HEARTBEAT):
         raise SpecError(f"heartbeat.{sorted(set(heartbeat) - set(DEFAULT_HEARTBEAT))[0]} is not a setting; heartbeat has interval_s, grace_s")
