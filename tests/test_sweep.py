@@ -179,6 +179,7 @@ def test_killed_worker_is_reaped_and_its_trial_retried_from_the_checkpoint(tmp_p
     epochs = [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 13))  # nothing lost, nothing counted twice
     assert sorted(t1.intermediate_values) == list(range(1, 13))  # re-reported after the resume
+    assert f"name={name}-t0000" in t1.user_attrs["overrides"]  # the retry keeps the run's name
     assert counted(handle) == 1  # the budget of 1 is respected
 
 

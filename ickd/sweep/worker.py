@@ -134,10 +134,12 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool
 def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, stop: threading.Event) -> str:
     """Train one trial; returns the state it was told with."""
     spec = handle.spec
-    run_dir = Path(trial.user_attrs.get("run_dir") or handle.trial_dir(trial.user_attrs.get("first_trial", trial.number)))
-    for key, value in {**worker_identity(), "run_dir": str(run_dir)}.items():
+    # A retry keeps the identity of the trial it continues: same run folder, same run name.
+    first = int(trial.user_attrs.get("first_trial", trial.number))
+    run_dir = Path(trial.user_attrs.get("run_dir") or handle.trial_dir(first))
+    for key, value in {**worker_identity(), "run_dir": str(run_dir), "first_trial": first}.items():
         trial.set_user_attr(key, value)
-    overrides = [*spec.base, *params_to_overrides(trial.params), f"name={spec.name}-t{trial.number:04d}"]
+    overrides = [*spec.base, *params_to_overrides(trial.params), f"name={spec.name}-t{first:04d}"]
     trial.set_user_attr("overrides", overrides)
     callback = TrialCallback(trial, handle, stop)
     log.info("trial %d: %s -> %s", trial.number, " ".join(params_to_overrides(trial.params)), run_dir)
