@@ -63,7 +63,7 @@ def _train(label: str, overrides: list[str], run_dir: Path) -> dict:
 
 def _study(out: Path, teacher: Path, overrides: list[str], trials: int, workers: int) -> tuple[dict | None, dict]:
     """A small IC-KD study; returns the best trial's params (None if no trial completed) and info."""
-    from ickd.sweep.cli import print_status, run_workers
+    from ickd.sweep.cli import best_trial, print_status, run_workers, trial_counts
     from ickd.sweep.spec import load_spec
     from ickd.sweep.studies import StudyHandle
 
@@ -77,13 +77,10 @@ def _study(out: Path, teacher: Path, overrides: list[str], trials: int, workers:
     wall = time.perf_counter() - start
     print_status(handle)
     study = handle.study()
-    states: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
+    states = {name: n for name, n in trial_counts(study).items() if n}
     info = {"wall_time_s": wall, "states": states, "worker_exit_codes": codes, "folder": str(handle.dir)}
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = best_trial(study)
+    if best is None:
         return None, info
     info.update(best_trial=best.number, best_value=best.value, best_params=best.params)
     return best.params, info

@@ -259,9 +259,13 @@ def test_invalid_space_is_rejected_before_any_trial(tmp_path, teacher_dir):
     assert not (tmp_path / "studies" / "bad").exists()
 
 
-def test_storage_urls_with_passwords_are_refused_and_never_printed(tmp_path):
+@pytest.mark.parametrize("url", ["postgresql+psycopg2://me:s3cret@127.0.0.1:5/db", "postgresql+psycopg2://me@127.0.0.1:5/db?password=s3cret"])
+def test_storage_urls_with_passwords_are_refused_and_never_printed(tmp_path, url):
+    from ickd.sweep.storage import redact
+
+    assert "s3cret" not in redact(url)
     with pytest.raises(StorageError) as info:
-        open_storage("postgresql+psycopg2://me:s3cret@127.0.0.1:5/db", tmp_path)
+        open_storage(url, tmp_path)
     assert "s3cret" not in str(info.value) and "PGPASSWORD" in str(info.value)
 
 

@@ -24,7 +24,8 @@ from ickd.sweep.studies import StudyHandle
 log = logging.getLogger("ickd.sweep")
 
 
-def _states(study: optuna.Study) -> dict[str, int]:
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials by state name, with budget-skipped trials counted apart as SKIPPED."""
     counts = {s.name: 0 for s in TrialState}
     skipped = 0
     for t in study.get_trials(deepcopy=False):
@@ -36,7 +37,7 @@ def _states(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     try:
         return study.best_trial
     except ValueError:
@@ -67,13 +68,20 @@ def _spawn_worker(handle: StudyHandle, index: int, workers: int) -> subprocess.P
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def _print_reaped(reaped: list[dict], retry: bool = True) -> None:
+    for r in reaped:
+        if r["retry"] is not None:
+            print(f"trial {r['number']}: {r['reason']}; retried as trial {r['retry']}")
+        else:
+            print(f"trial {r['number']}: {r['reason']}" + ("" if retry else "; not retried"))
+
+
 def run_workers(handle: StudyHandle, workers: int, stop_timeout: float = 600) -> list[int]:
     """Reap what a previous run left, start ``workers`` local worker processes and wait for them,
     with a progress bar; Ctrl-C stops them after their current epoch. Returns their exit codes."""
     study = handle.study()
     reaped = reap(study, float(handle.spec.heartbeat.get("grace_s", 120)), int(handle.spec.retry.get("max_retries", 0)))
-    for r in reaped:
-        print(f"trial {r['number']}: {r['reason']}" + (f"; retried as trial {r['retry']}" if r["retry"] is not None else ""))
+    _print_reaped(reaped)
     print(f"study {handle.name}: {handle.spec.n_trials} trials, {workers} local workers, logs in {handle.dir / 'workers'}", flush=True)
     procs = [_spawn_worker(handle, i, workers) for i in range(workers)]
     from tqdm.auto import tqdm
@@ -82,7 +90,7 @@ def run_workers(handle: StudyHandle, workers: int, stop_timeout: float = 600) ->
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(2)
-            counts = _states(study)
+            counts = trial_counts(study)
             bar.n = counts["COMPLETE"] + counts["PRUNED"]
             bar.set_postfix(running=counts["RUNNING"], failed=counts["FAIL"])
             bar.refresh()
@@ -115,13 +123,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def print_status(handle: StudyHandle) -> None:
     study = handle.study()
-    counts = _states(study)
+    counts = trial_counts(study)
     shown = {k: v for k, v in counts.items() if v}
     print(f"\nstudy {handle.name} ({handle.storage_label}): " + ", ".join(f"{k.lower()} {v}" for k, v in shown.items()) + f" of {handle.spec.n_trials}")
     finished = counts["COMPLETE"] + counts["PRUNED"]
     if finished:
         print(f"pruned fraction: {counts['PRUNED'] / finished:.2f}")
-    best = _best(study)
+    best = best_trial(study)
     if best is not None:
         print(f"best: trial {best.number}, {handle.spec.objective.metric} = {best.value:.4f}, " + " ".join(params_to_overrides(best.params)))
     keys = list(handle.spec.space)
@@ -148,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 def cmd_best(args: argparse.Namespace) -> None:
     handle = StudyHandle.load(args.study, args.root)
-    best = _best(handle.study())
+    best = best_trial(handle.study())
     if best is None:
         print(f"study {handle.name} has no completed trial yet; see `ickd sweep status {handle.name}`", file=sys.stderr)
         sys.exit(1)
@@ -174,8 +182,7 @@ def cmd_reap(args: argparse.Namespace) -> None:
     reaped = reap(handle.study(), grace, int(handle.spec.retry.get("max_retries", 0)), retry=not args.no_retry)
     if not reaped:
         print("no trial with a lost worker")
-    for r in reaped:
-        print(f"trial {r['number']}: {r['reason']}" + (f"; retried as trial {r['retry']}" if r["retry"] is not None else "; not retried"))
+    _print_reaped(reaped, retry=not args.no_retry)
 
 
 def main(argv: list[str]) -> None:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 
 from ickd.sweep.space import SpecError, grid_values, parse_dimensions, parse_override
+from ickd.sweep.storage import has_password, password_refusal
 
 __all__ = ["SpecError", "Objective", "StudySpec", "load_spec", "SAMPLERS", "PRUNERS"]
 
@@ -225,19 +226,14 @@ def _check_storage(url: Any) -> str | None:
     from sqlalchemy.engine import make_url
 
     try:
-        parsed = make_url(url)
+        make_url(url)
     except Exception:
         raise SpecError(
             "storage is not a valid SQLAlchemy URL; write e.g. postgresql+psycopg2://user@host:5432/db "
             "(or null for the journal file in the study folder)"
         ) from None
-    query_password = [k for k in parsed.query if k.lower() in ("password", "passwd")]
-    if parsed.password is not None or query_password:
-        shown = parsed.difference_update_query(query_password).render_as_string(hide_password=True)
-        raise SpecError(
-            f"storage URL {shown} contains a password; remove it from the URL and put it in PGPASSWORD or "
-            "~/.pgpass (libpq reads both), so no secret lands in study files, logs or study.yaml"
-        )
+    if has_password(url):
+        raise SpecError(password_refusal(url))
     return url
 
 

@@ -23,33 +23,48 @@ class StorageError(ConfigError):
     """The study storage cannot be opened or reached."""
 
 
-def _url(url: str):
-    from sqlalchemy.engine import make_url
+_PASSWORD_QUERY_KEYS = ("password", "passwd")
 
-    return make_url(url)
+
+def _is_sql_url(url: str | None) -> bool:
+    return bool(url) and "://" in str(url) and not str(url).startswith("journal://")
 
 
 def redact(url: str | None) -> str:
-    """The URL with any password replaced by ***, safe to print and log."""
+    """The URL with any password (in the credentials or the query) hidden, safe to print and log."""
     if not url:
         return "journal"
-    if "://" not in url or url.startswith("journal://"):
+    if not _is_sql_url(url):
         return url
     try:
-        return _url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL: hide the credentials part entirely
-        head, _, rest = url.partition("://")
-        return f"{head}://***@{rest.split('@', 1)[1]}" if "@" in rest else url
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        in_query = [k for k in parsed.query if k.lower() in _PASSWORD_QUERY_KEYS]
+        return parsed.difference_update_query(in_query).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: hide everything but the scheme
+        return f"{url.split('://', 1)[0]}://***"
 
 
 def has_password(url: str | None) -> bool:
-    if not url or "://" not in url or url.startswith("journal://"):
+    if not _is_sql_url(url):
         return False
     try:
-        return _url(url).password is not None
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
     except Exception:
-        creds = url.split("://", 1)[1].split("@", 1)
+        creds = str(url).split("://", 1)[1].split("@", 1)
         return len(creds) == 2 and ":" in creds[0]
+    return parsed.password is not None or any(k.lower() in _PASSWORD_QUERY_KEYS for k in parsed.query)
+
+
+def password_refusal(url: str) -> str:
+    """Why a URL with a password is refused, and the fix; the password itself is never shown."""
+    return (
+        f"the storage URL {redact(url)} contains a password; remove it from the URL and put it in "
+        "PGPASSWORD or ~/.pgpass (libpq reads both), so no secret lands in study files, logs or study.yaml"
+    )
 
 
 def is_journal(url: str | None) -> bool:
@@ -71,10 +86,7 @@ def open_storage(
 ) -> BaseStorage:
     """Open the storage of a study (the journal file in ``study_dir`` by default)."""
     if has_password(url):
-        raise StorageError(
-            f"the storage URL {redact(url)} contains a password; remove it from the URL and put it in "
-            "PGPASSWORD or ~/.pgpass (ickd never stores or prints passwords)"
-        )
+        raise StorageError(password_refusal(str(url)))
     if is_journal(url):
         path = journal_path(url, study_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
