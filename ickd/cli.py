@@ -9,6 +9,10 @@ commands:
   train [hydra overrides]   train one run (teacher, student, any paradigm); `ickd train --help` lists config groups
   sweep <create|run|status|best|dashboard|reap> ...
                             Optuna studies (`ickd sweep --help`)
+  launch <train|grid|sweep> --profile P ...
+                            submit runs, grids or study workers to SLURM (or locally) and return at once
+  jobs <status|logs|cancel|resubmit-failed> ...
+                            monitor and manage launched jobs
   demo [--out DIR]          the main job: Fashion-MNIST teacher, then CE / KD / IC-KD students, and a comparison table
 """
 
@@ -29,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
         from ickd.sweep.cli import main as sweep_main
 
         sweep_main(rest)
+    elif command in ("launch", "jobs"):
+        from ickd.launch.cli import main as launch_cli
+
+        launch_cli(command, rest)
     elif command == "demo":
         from ickd.demo import main as demo_main
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -16,6 +17,7 @@ log = logging.getLogger("ickd")
 # Distinct exit codes so schedulers and sweeps can tell failures apart.
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 75  # stopped for a signal with a checkpoint saved; rerun to continue
 
 register_model_groups()
 
@@ -25,14 +27,26 @@ def main(cfg: DictConfig) -> float | None:
     from ickd.engine import train
 
     out_dir = HydraConfig.get().runtime.output_dir
+    guard = None
+    if os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_EXECUTOR"):
+        # Under SLURM (incl. Hydra's submitit launcher): a preemption/time-limit signal stops the run
+        # after its current batch with a checkpoint; then submitit's handler, if any, requeues it.
+        from ickd.launch.preemption import PreemptionGuard
+
+        guard = PreemptionGuard().install()
     try:
-        summary = train(cfg, out_dir)
+        summary = train(cfg, out_dir, callbacks=[guard] if guard else None)
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         sys.exit(EXIT_NONFINITE)
     except IckdError as exc:
         log.error("%s", exc)
         sys.exit(EXIT_CONFIG_ERROR)
+    if summary["status"] == "interrupted":
+        if guard is not None:
+            guard.hand_over(out_dir)
+        log.error("interrupted with a checkpoint in %s; run the same command again to continue", out_dir)
+        sys.exit(EXIT_INTERRUPTED)
     log.info("best top-1 %.2f, last top-1 %.2f -> %s", summary["best_top1"], summary["last_top1"] or float("nan"), out_dir)
     return summary["best_top1"]
 

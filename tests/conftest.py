@@ -20,3 +20,29 @@ def teacher_dir(tmp_path_factory):
     assert summary["status"] == "completed"
     assert (out / "checkpoints" / "best.pt").is_file()
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_env(request):
+    """One private single-node SLURM cluster (slurm/cluster.sh) for the whole session, with
+    SLURM_CONF exported to the tests (and restored after). Skips when SLURM is not installed,
+    except under CI (env CI set), where these tests must run: then it fails."""
+    from tests.services import slurm_available, slurm_cluster
+
+    reason = slurm_available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests: {reason}")
+        pytest.skip(reason)
+    old = os.environ.get("SLURM_CONF")
+    with slurm_cluster() as info:
+        os.environ["SLURM_CONF"] = info["SLURM_CONF"]
+        try:
+            yield info
+        finally:
+            if old is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = old
+            # Keep the cluster's logs when something failed.
+            info["keep"] = request.session.testsfailed > 0

@@ -1,4 +1,5 @@
-"""Real services the tests start and stop themselves: a private PostgreSQL server."""
+"""Real services the tests start and stop themselves: a private PostgreSQL server and a private
+single-node SLURM cluster (slurm/cluster.sh)."""
 from __future__ import annotations
 
 import os
@@ -55,3 +56,50 @@ def postgres_server() -> Iterator[str]:
     finally:
         subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]), capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+SLURM_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "cluster.sh"
+SLURM_APT = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
+SLURM_PROGRAMS = ("munged", "mungekey", "munge", "unmunge", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch", "scontrol", "scancel")
+
+
+def slurm_available() -> str | None:
+    """None when slurm/cluster.sh can start a cluster here, else why not (and how to fix it)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [p for p in SLURM_PROGRAMS if shutil.which(p, path=path) is None]
+    if missing:
+        return f"SLURM/munge programs not found ({', '.join(missing)}); install them as root: {SLURM_APT}"
+    if os.geteuid() != 0:
+        return "the local SLURM cluster needs root (slurmd launches jobs as their user)"
+    return None
+
+
+@contextmanager
+def slurm_cluster(base: Path | None = None) -> Iterator[dict]:
+    """Start a private single-node SLURM cluster in `base` (default: a new temporary folder) and
+    yield {"SLURM_CONF": path, "dir": path, "script": path, "keep": False}. At exit the cluster is
+    stopped and its folder deleted, except after a failure (an exception, or the caller set
+    info["keep"] = True, e.g. because tests failed): then the folder (logs) stays for reading."""
+    reason = slurm_available()
+    if reason:
+        raise RuntimeError(reason)
+    # Unix socket paths are limited to 107 bytes, so keep the folder short (not under pytest's tmp).
+    folder = Path(base) if base is not None else Path(tempfile.mkdtemp(prefix="ickd-slurm-"))
+    started = subprocess.run([str(SLURM_SCRIPT), "start", "--dir", str(folder)], capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        raise RuntimeError(f"slurm/cluster.sh start --dir {folder} failed (exit {started.returncode}); logs kept in {folder}/log:\n"
+                           f"{started.stdout}{started.stderr}")
+    conf = folder / "slurm.conf"
+    info = {"SLURM_CONF": str(conf), "dir": str(folder), "script": str(SLURM_SCRIPT), "keep": False}
+    failed = False
+    try:
+        yield info
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        failed = failed or bool(info.get("keep"))
+        stop = [str(SLURM_SCRIPT), "stop", "--dir", str(folder)] + ([] if failed else ["--purge"])
+        stopped = subprocess.run(stop, capture_output=True, text=True, timeout=120)
+        if stopped.returncode != 0 or failed:
+            print(f"slurm cluster in {folder} stopped (exit {stopped.returncode}); logs kept in {folder}/log\n{stopped.stderr}")

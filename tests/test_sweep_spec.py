@@ -473,7 +473,7 @@ def test_to_dict_round_trip_of_a_full_spec():
     again = load_spec(plain)
     assert again == spec and again.to_dict() == plain
     assert again.space["distill.nicd_weight"] == FloatDistribution(0.01, 2.0, log=True)
-    assert again.retry == {"max_retries": 0, "max_failures": None} and again.heartbeat == {"interval_s": 10, "grace_s": 40}
+    assert again.retry == {"max_retries": 0, "max_failures": None} and again.heartbeat == {"interval_s": 10, "grace_s": 40, "suspend_grace_s": 1800}
 
 
 def test_defaults():
@@ -481,5 +481,5 @@ def test_defaults():
     assert spec.objective == Objective("val/top1", "best", "maximize")
     assert spec.sampler == {"name": "tpe"} and spec.pruner == {"name": "median"}
     assert spec.storage is None and spec.n_trials == 20
-    assert spec.retry == {"max_retries": 2, "max_failures": None} and spec.heartbeat == {"interval_s": 30, "grace_s": 120}
+    assert spec.retry == {"max_retries": 2, "max_failures": None} and spec.heartbeat == {"interval_s": 30, "grace_s": 120, "suspend_grace_s": 1800}
     assert spec.raw_space == MINIMAL["space"]

@@ -138,6 +138,50 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, teache
     assert _metrics(partial)[-1]["val/top1"] == _metrics(straight)[-1]["val/top1"]
 
 
+def test_interrupted_mid_epoch_resumes_from_that_batch_with_the_same_weights(tmp_path, teacher_dir):
+    """A preemption cannot wait for the epoch to end: the run checkpoints after the current batch
+    and a rerun continues from the next batch, ending exactly where an uninterrupted run ends."""
+    args = [f"teacher.checkpoint={teacher_dir}", "distill=ickd", "trainer.epochs=3", "trainer.deterministic=true"]
+    straight = tmp_path / "straight"
+    train(compose_config(*args), straight)
+
+    class InterruptAt(Callback):  # asks once, after the 5th batch of epoch 2
+        def __init__(self):
+            self.polls = None
+
+        def on_epoch_end(self, epoch, metrics):
+            self.polls = -1 if epoch == 1 else None  # the trainer also polls once at the epoch's end
+
+        def interrupt_requested(self):
+            if self.polls is None:
+                return False
+            self.polls += 1
+            return self.polls == 5
+
+    cut = tmp_path / "cut"
+    first = train(compose_config(*args), cut, callbacks=[InterruptAt()])
+    assert first["status"] == "interrupted" and first["epochs_completed"] == 1
+    state = torch.load(cut / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["partial"]["epoch"] == 1 and state["partial"]["step"] == 5
+
+    class Seen(Callback):
+        def on_run_start(self, run):
+            self.start = (run.start_epoch, run.extra["start_batch"])
+
+    seen = Seen()
+    done = train(compose_config(*args), cut, callbacks=[seen])
+    assert done["status"] == "completed" and seen.start == (1, 5)
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["distiller"]["student"]
+    b = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["distiller"]["student"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ms, mc = _metrics(straight), _metrics(cut)
+    assert [m["epoch"] for m in mc] == [1, 2, 3]
+    # the interrupted epoch's train loss averages all 16 batches, not only those after the resume
+    assert mc[1]["train/loss"] == pytest.approx(ms[1]["train/loss"], rel=1e-6)
+    assert mc[-1]["val/top1"] == ms[-1]["val/top1"]
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -150,8 +150,15 @@ class DataBundle(ABC):
         device: str | torch.device = "cpu",
         num_workers: int | None = None,
         seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Loader:
-        """Loader over the train split yielding (x, y, idx); ``seed`` defaults to the bundle's."""
+        """Loader over the train split yielding (x, y, idx); ``seed`` defaults to the bundle's.
+
+        ``rank``/``world_size`` give one data-parallel shard of every epoch's order, with
+        ``batch_size`` per rank (``ickd.data.loader`` docstring: shuffled shards are equal-sized,
+        fixed-order shards keep every sample).
+        """
 
     @abstractmethod
     def val_loader(
@@ -159,8 +166,10 @@ class DataBundle(ABC):
         batch_size: int,
         device: str | torch.device = "cpu",
         num_workers: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Loader:
-        """Loader over the val split in fixed order, no augmentation."""
+        """Loader over the val split in fixed order, no augmentation (``rank::world_size`` when sharded)."""
 
     def __repr__(self) -> str:
         return (
@@ -260,12 +269,15 @@ class TensorBundle(DataBundle):
         device: str | torch.device = "cpu",
         num_workers: int | None = None,  # accepted for interface parity; batching is in-process
         seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> InMemoryLoader:
         x, y, _, _ = self._tensors(device)
         return InMemoryLoader(
             x, y, batch_size, mean=self.mean, std=self.std, shuffle=shuffle, drop_last=drop_last,
             augment=self.augment_spec if augment else None,
             seed=self.seed if seed is None else seed, out_channels=self.out_channels,
+            rank=rank, world_size=world_size,
         )
 
     def val_loader(
@@ -273,11 +285,13 @@ class TensorBundle(DataBundle):
         batch_size: int,
         device: str | torch.device = "cpu",
         num_workers: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> InMemoryLoader:
         _, _, x, y = self._tensors(device)
         return InMemoryLoader(
             x, y, batch_size, mean=self.mean, std=self.std, shuffle=False, drop_last=False,
-            augment=None, seed=self.seed, out_channels=self.out_channels,
+            augment=None, seed=self.seed, out_channels=self.out_channels, rank=rank, world_size=world_size,
         )
 
 

@@ -27,8 +27,11 @@ from ickd.data.loader import (
     STREAM_WORKERS,
     Batch,
     check_batch_size,
+    check_shard,
     derive_seed,
     epoch_generator,
+    shard_order,
+    shard_size,
 )
 from ickd.errors import ConfigError, DatasetNotFoundError
 
@@ -106,20 +109,27 @@ class IndexedImageFolder(Dataset):
 
 
 class EpochKeySampler(Sampler[tuple[int, int]]):
-    """Yields ``(position, sample_seed)`` keys; order and seeds are functions of (seed, epoch)."""
+    """Yields ``(position, sample_seed)`` keys; order and seeds are functions of (seed, epoch).
 
-    def __init__(self, n: int, shuffle: bool, augment: bool, seed: int) -> None:
+    Sharded (``rank``/``world_size``, rules in ``ickd.data.loader``), each rank yields its positions of
+    the shared order; a sample's seed depends on its position only, so its augmentation does not
+    depend on the number of ranks either.
+    """
+
+    def __init__(self, n: int, shuffle: bool, augment: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.shuffle, self.augment, self.seed = n, shuffle, augment, seed
+        self.rank, self.world_size = check_shard(rank, world_size)
         self.epoch = 0
 
     def __len__(self) -> int:
-        return self.n
+        return shard_size(self.n, self.rank, self.world_size, even=self.shuffle)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
-            order = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch, STREAM_ORDER)).tolist()
+            order_t = torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch, STREAM_ORDER))
         else:
-            order = list(range(self.n))
+            order_t = torch.arange(self.n)
+        order = shard_order(order_t, self.rank, self.world_size, even=self.shuffle).tolist()
         if self.augment:
             # Seeds indexed by position (not by draw order), so a sample's augmentation is
             # independent of the shuffle.
@@ -147,10 +157,12 @@ class FolderLoader:
         seed: int,
         device: str | torch.device,
         num_workers: int,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.batch_size = check_batch_size(batch_size)
         self.device = torch.device(device)
-        self.sampler = EpochKeySampler(len(dataset), shuffle, augment, int(seed))
+        self.sampler = EpochKeySampler(len(dataset), shuffle, augment, int(seed), rank, world_size)
         self.epoch = 0
         self._seed = int(seed)
         # DataLoader draws its worker base seed from this generator (the global RNG otherwise);
@@ -225,18 +237,21 @@ class ImageFolderBundle(DataBundle):
     def train_loader(
         self, batch_size: int, shuffle: bool = True, drop_last: bool = False, augment: bool = True,
         device: str | torch.device = "cpu", num_workers: int | None = None, seed: int | None = None,
+        rank: int = 0, world_size: int = 1,
     ) -> FolderLoader:
         return FolderLoader(
             self.train_set, batch_size, shuffle=shuffle, drop_last=drop_last, augment=augment,
             seed=self.seed if seed is None else seed, device=device, num_workers=self._workers(num_workers),
+            rank=rank, world_size=world_size,
         )
 
     def val_loader(
-        self, batch_size: int, device: str | torch.device = "cpu", num_workers: int | None = None
+        self, batch_size: int, device: str | torch.device = "cpu", num_workers: int | None = None,
+        rank: int = 0, world_size: int = 1,
     ) -> FolderLoader:
         return FolderLoader(
             self.val_set, batch_size, shuffle=False, drop_last=False, augment=False, seed=self.seed,
-            device=device, num_workers=self._workers(num_workers),
+            device=device, num_workers=self._workers(num_workers), rank=rank, world_size=world_size,
         )
 
 

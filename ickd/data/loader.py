@@ -9,6 +9,15 @@ would have seen.
 If ``set_epoch`` is never called, each new iteration advances the epoch by one (a forgotten
 ``set_epoch`` must not silently repeat the same order every epoch, the classic DistributedSampler
 pitfall); an explicit ``set_epoch(e)`` always wins.
+
+Sharding for data-parallel training (``rank``, ``world_size``): every rank computes the same
+(seed, epoch) order and takes its positions ``rank::world_size`` (:func:`shard_order`). With
+per-rank batch ``b``, batch k of all ranks together is exactly global batch k (size ``b*world_size``)
+of that order. Shuffled loaders first drop the order's tail to a multiple of ``world_size`` (at most
+``world_size - 1`` samples, different ones each epoch), so every rank yields the same number of
+equal batches, which DDP's collectives need; fixed-order loaders (evaluation, the bank fill pass)
+keep every sample exactly once, so shards may differ by one sample. ``world_size=1`` is the plain,
+unsharded loader.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ import torch
 from ickd.data.augment import normalize, normalize_constants, random_crop_flip
 from ickd.errors import ConfigError
 
-__all__ = ["AugmentSpec", "InMemoryLoader", "epoch_generator", "derive_seed", "Batch"]
+__all__ = ["AugmentSpec", "InMemoryLoader", "epoch_generator", "derive_seed", "Batch", "shard_order", "shard_size", "check_shard"]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -43,11 +52,42 @@ def derive_seed(*keys: int) -> int:
     return int(state[0]) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """A fresh CPU generator for one (seed, epoch, stream)."""
+def epoch_generator(seed: int, epoch: int, stream: int, *extra: int) -> torch.Generator:
+    """A fresh CPU generator for one (seed, epoch, stream[, extra keys such as a rank])."""
     g = torch.Generator(device="cpu")
-    g.manual_seed(derive_seed(seed, epoch, stream))
+    g.manual_seed(derive_seed(seed, epoch, stream, *extra))
     return g
+
+
+def check_shard(rank: int, world_size: int) -> tuple[int, int]:
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank={rank} and world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size")
+    return int(rank), int(world_size)
+
+
+def shard_size(n: int, rank: int, world_size: int, even: bool) -> int:
+    """Length of ``shard_order`` for an order of ``n`` samples."""
+    if world_size == 1:
+        return n
+    if even:
+        return n // world_size
+    return len(range(rank, n, world_size))
+
+
+def shard_order(order: torch.Tensor, rank: int, world_size: int, even: bool) -> torch.Tensor:
+    """This rank's positions of an epoch's order: ``order[rank::world_size]``, after dropping the
+    tail to a multiple of ``world_size`` when ``even`` (equal shards). See the module docstring."""
+    if world_size == 1:
+        return order
+    n = order.shape[0]
+    if even:
+        if n < world_size:
+            raise ConfigError(f"{n} samples cannot be split over {world_size} processes; use fewer processes")
+        order = order[: n - n % world_size]
+    return order[rank::world_size]
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -72,6 +112,9 @@ class InMemoryLoader:
 
     Yields ``(x, y, idx)``: ``x`` float32 (B, C', H, W) normalised, ``y`` int64 (B,), ``idx`` int64 (B,)
     positions in this split, all on ``device``.
+
+    ``rank``/``world_size`` select one data-parallel shard (module docstring); ``batch_size`` is then
+    the per-rank batch. A sharded loader draws its augmentation from a stream of its own rank.
     """
 
     def __init__(
@@ -87,6 +130,8 @@ class InMemoryLoader:
         augment: AugmentSpec | None = None,
         seed: int = 0,
         out_channels: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -101,6 +146,7 @@ class InMemoryLoader:
         self.drop_last = drop_last
         self.augment = augment
         self.seed = int(seed)
+        self.rank, self.world_size = check_shard(rank, world_size)
         self.epoch = 0
         self.device = images.device
         c = images.shape[1]
@@ -111,7 +157,8 @@ class InMemoryLoader:
 
     @property
     def num_samples(self) -> int:
-        return int(self.images.shape[0])
+        """Samples yielded per epoch (this rank's shard when sharded)."""
+        return shard_size(int(self.images.shape[0]), self.rank, self.world_size, even=self.shuffle)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration produces."""
@@ -124,12 +171,16 @@ class InMemoryLoader:
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         self.epoch = epoch + 1  # see module docstring: auto-advance unless set_epoch is called
-        n = self.num_samples
+        n = int(self.images.shape[0])
         if self.shuffle:
             order = torch.randperm(n, generator=epoch_generator(self.seed, epoch, STREAM_ORDER))
         else:
             order = torch.arange(n)
-        aug_gen = epoch_generator(self.seed, epoch, STREAM_AUGMENT) if self.augment else None
+        # Every rank shares the order; the augmentation stream is per rank so ranks do not repeat
+        # each other's crops (the batch augmentation draws in batch order).
+        shard = () if self.world_size == 1 else (self.rank, self.world_size)
+        order = shard_order(order, self.rank, self.world_size, even=self.shuffle)
+        aug_gen = epoch_generator(self.seed, epoch, STREAM_AUGMENT, *shard) if self.augment else None
         return self._batches(order.to(self.device), aug_gen)
 
     def _batches(self, order: torch.Tensor, aug_gen: torch.Generator | None) -> Iterator[Batch]:
@@ -149,5 +200,6 @@ class InMemoryLoader:
     def __repr__(self) -> str:
         return (
             f"InMemoryLoader(n={self.num_samples}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
-            f"drop_last={self.drop_last}, augment={self.augment}, seed={self.seed}, device={self.device})"
+            f"drop_last={self.drop_last}, augment={self.augment}, seed={self.seed}, device={self.device}"
+            + (f", rank={self.rank}, world_size={self.world_size})" if self.world_size > 1 else ")")
         )

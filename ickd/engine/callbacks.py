@@ -38,6 +38,12 @@ class Callback:
         """Polled after each epoch: True ends the run cleanly after that epoch's checkpoint."""
         return False
 
+    def interrupt_requested(self) -> bool:
+        """Polled after every batch (keep it cheap): True saves a mid-epoch checkpoint at once and
+        ends the run with ``status='interrupted'``; a later run of the same folder resumes from that
+        batch. Launchers use it for preemption and time limits, which cannot wait for the epoch."""
+        return False
+
     def on_run_end(self, summary: dict[str, Any]) -> None:
         """After the run ended, normally or not (``summary['status']`` says how)."""
 
@@ -73,6 +79,9 @@ class CallbackList(Callback):
 
     def should_stop(self):
         return any(cb.should_stop() for cb in self.callbacks)
+
+    def interrupt_requested(self):
+        return any(cb.interrupt_requested() for cb in self.callbacks)
 
     def on_run_end(self, summary):
         for cb in self.callbacks:

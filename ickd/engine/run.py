@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ickd.data import build_data
 from ickd.distill import build_distiller
+from ickd.engine import distributed
 from ickd.engine.callbacks import Callback
 from ickd.engine.checkpoint import atomic_write_text
 from ickd.engine.trainer import Trainer, TrainerConfig, resolve_device, seed_everything
@@ -52,16 +53,29 @@ def build_data_from_config(cfg: Mapping[str, Any]):
 
 
 def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Train the run described by ``cfg`` into ``out_dir``; returns the summary (also result.json)."""
+    """Train the run described by ``cfg`` into ``out_dir``; returns the summary (also result.json).
+
+    With WORLD_SIZE > 1 in the environment (torchrun, submitit, ``from_slurm_env``) this process is
+    one rank of a data-parallel run (:mod:`ickd.engine.distributed`): every rank calls ``train`` with
+    the same config and ``out_dir`` (on a shared filesystem); only rank 0 writes files and calls
+    ``callbacks``.
+    """
     config = to_container(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer_cfg = TrainerConfig.from_mapping(config["trainer"])
+    world = distributed.env_world_size()
+    # Checked before joining the process group, so a bad config fails fast on every rank.
+    distributed.per_rank_batch(trainer_cfg.batch_size, world, "trainer.batch_size")
+    distributed.per_rank_batch(trainer_cfg.eval_batch_size, world, "trainer.eval_batch_size")
     if trainer_cfg.threads:
         torch.set_num_threads(int(trainer_cfg.threads))
     seed = int(config.get("seed", 0))
     seed_everything(seed, trainer_cfg.deterministic)
     device = resolve_device(trainer_cfg.device)
+    dist_env = distributed.init_distributed(device.type)
+    if dist_env.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
 
     data = build_data_from_config(config)
     mem_size = config.get("memory", {}).get("size")
@@ -71,7 +85,8 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
             f"(N={data.num_train}); use memory.size=null (the whole set) or a value <= {data.num_train}"
         )
     distiller = build_distiller(config, data.num_classes, data.in_channels, data.num_train, device)
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    if dist_env.is_main:
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     trainer = Trainer(
         distiller,
         data,
@@ -84,6 +99,7 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
         run_config=config,
         callbacks=callbacks,
         device=device,
+        dist_env=dist_env,
     )
     log.info("run %s: %s, %d train / %d val samples, output %s", trainer.run_info.name, data.source, data.num_train, data.num_val, out)
     return trainer.fit()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -19,14 +20,24 @@ import numpy as np
 import torch
 
 from ickd.distill import Distiller
+from ickd.engine import distributed
 from ickd.engine.callbacks import Callback, CallbackList, MetricsFile, RunInfo
 from ickd.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from ickd.engine.distributed import DistEnv
 from ickd.engine.optim import build_optimizer, build_scheduler
 from ickd.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+
+
+class _Interrupted(Exception):
+    """A callback asked to stop mid-epoch; carries the epoch's progress for the checkpoint."""
+
+    def __init__(self, partial: dict[str, Any]) -> None:
+        super().__init__("interrupted")
+        self.partial = partial
 
 
 @dataclass
@@ -125,6 +136,7 @@ class Trainer:
         run_config: dict[str, Any] | None = None,
         callbacks: list[Callback] | None = None,
         device: torch.device | None = None,
+        dist_env: DistEnv | None = None,
     ) -> None:
         self.cfg = trainer_cfg
         self.distiller = distiller
@@ -133,8 +145,10 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.device = device or resolve_device(trainer_cfg.device)
+        self.dist = dist_env or DistEnv.current()
         self.run_info = RunInfo(self.out_dir, run_name, stage, run_config or {}, total_epochs=trainer_cfg.epochs)
-        self.callbacks = CallbackList([MetricsFile(self.out_dir / "metrics.jsonl"), *(callbacks or [])])
+        # Only rank 0 writes metrics and runs callbacks; its decisions are broadcast (_agree).
+        self.callbacks = CallbackList([MetricsFile(self.out_dir / "metrics.jsonl"), *(callbacks or [])] if self.dist.is_main else [])
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, trainer_cfg.epochs)
         cuda = self.device.type == "cuda"
@@ -147,12 +161,28 @@ class Trainer:
         if self.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.start_epoch = 0
+        self.partial: dict[str, Any] | None = None  # progress inside an epoch, from a mid-epoch checkpoint
         self.best_top1 = -1.0
         self.history: list[dict[str, Any]] = []
+        self._ddp: torch.nn.Module | None = None
+        self._shard: dict[str, int] = {}  # loader kwargs of this rank's data shard (none: one process)
+        batch, self._eval_batch = trainer_cfg.batch_size, trainer_cfg.eval_batch_size
+        if self.dist.world_size > 1:
+            world = self.dist.world_size
+            self._shard = {"rank": self.dist.rank, "world_size": world}
+            batch = distributed.per_rank_batch(batch, world, "trainer.batch_size")
+            self._eval_batch = distributed.per_rank_batch(self._eval_batch, world, "trainer.eval_batch_size")
+            for name, bank in list(distiller.banks.items()):
+                if not isinstance(bank, distributed.GatheredBank):  # a distiller reused by a second Trainer
+                    distiller.banks[name] = distributed.GatheredBank(bank)
+            self._ddp = distributed.wrap_ddp(distiller, self.device)
+        # Interrupt polls cost a collective per batch with several ranks: skip them when no callback
+        # of rank 0 can ask (rank 0's answer is shared once, here).
+        self._interruptible = self._agree(any(type(cb).interrupt_requested is not Callback.interrupt_requested for cb in self.callbacks.callbacks))
         self.train_loader = data.train_loader(
-            trainer_cfg.batch_size, shuffle=True, augment=True, device=self.device, num_workers=trainer_cfg.num_workers, seed=seed
+            batch, shuffle=True, augment=True, device=self.device, num_workers=trainer_cfg.num_workers, seed=seed, **self._shard
         )
-        self.val_loader = data.val_loader(trainer_cfg.eval_batch_size, device=self.device, num_workers=trainer_cfg.num_workers)
+        self.val_loader = data.val_loader(self._eval_batch, device=self.device, num_workers=trainer_cfg.num_workers, **self._shard)
 
     # --- one step ----------------------------------------------------------------------------
     def _autocast(self):
@@ -168,7 +198,8 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            out = self.distiller.forward_train(x, y, idx, epoch)
+            forward = self.distiller.forward_train if self._ddp is None else self._ddp
+            out = forward(x, y, idx, epoch)
         total = sum(v.float() for v in out.losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -186,19 +217,23 @@ class Trainer:
 
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int, partial: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """One epoch; ``partial`` (from a mid-epoch checkpoint) continues it after its last batch."""
         self.distiller.train()
         self.train_loader.set_epoch(epoch)
         limit = self.cfg.max_batches_per_epoch
         n_batches = len(self.train_loader) if limit is None else min(limit, len(self.train_loader))
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=self.device)
-        seen = 0
-        start = time.perf_counter()
-        bar = self._progress(self.train_loader, n_batches, f"epoch {epoch + 1}/{self.cfg.epochs}")
-        for step, (x, y, idx) in enumerate(bar):
-            if step >= n_batches:
-                break
+        first = int(partial["step"]) if partial else 0
+        sums: dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.device) for k, v in (partial or {}).get("sums", {}).items()}
+        correct = torch.tensor(float(partial["correct"]) if partial else 0.0, device=self.device)
+        seen = int(partial["seen"]) if partial else 0
+        done = first
+        start = time.perf_counter() - (float(partial["elapsed_s"]) if partial else 0.0)
+        # The epoch's order and augmentation depend only on (seed, epoch), so skipping the batches
+        # already trained reproduces exactly the batches an uninterrupted run would see next.
+        batches = itertools.islice(iter(self.train_loader), first, n_batches)
+        bar = self._progress(batches, n_batches - first, f"epoch {epoch + 1}/{self.cfg.epochs}")
+        for step, (x, y, idx) in enumerate(bar, start=first):
             total, losses, stats, logits = self.train_step(x, y, idx, epoch)
             values = {"loss": total, **losses, **stats}
             for key, value in values.items():
@@ -209,15 +244,45 @@ class Trainer:
                 self._check_finite(losses, epoch, step)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{total.item():.3f}")
+            done = step + 1
+            if self._interrupt_requested():
+                self._check_finite(losses, epoch, step)
+                raise _Interrupted({
+                    "epoch": epoch, "step": done, "sums": {k: v.item() for k, v in sums.items()},
+                    "correct": correct.item(), "seen": seen, "elapsed_s": time.perf_counter() - start,
+                })
+        if self.dist.world_size > 1:
+            sums, correct, seen = self._reduce_epoch(sums, correct, seen)
         elapsed = time.perf_counter() - start
-        metrics = {f"train/{k}": (v / max(1, step + 1)).item() for k, v in sums.items()}
+        metrics = {f"train/{k}": (v / max(1, done)).item() for k, v in sums.items()}
         metrics["train/top1"] = 100.0 * correct.item() / max(1, seen)
         metrics["time/epoch_s"] = elapsed
         metrics["time/images_per_s"] = seen / max(elapsed, 1e-9)
         return metrics
 
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's decision on every rank (callbacks run on rank 0 only)."""
+        return distributed.agree(flag) if self.dist.world_size > 1 else flag
+
+    def _interrupt_requested(self) -> bool:
+        if self.dist.world_size == 1:
+            return self.callbacks.interrupt_requested()
+        return self._interruptible and self._agree(self.callbacks.interrupt_requested())
+
+    def _reduce_epoch(self, sums: dict[str, torch.Tensor], correct: torch.Tensor, seen: int):
+        """Train metrics of the whole global batch: loss/stat sums averaged over ranks, hits and
+        samples summed. Also syncs rank 0's buffers (BN statistics) to all ranks."""
+        distributed.broadcast_buffers(self.distiller)
+        keys = sorted(sums)
+        packed = torch.stack([sums[k].double() for k in keys] + [correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=correct.device)])
+        distributed.all_reduce_sum(packed)
+        world = self.dist.world_size
+        return {k: packed[i] / world for i, k in enumerate(keys)}, packed[-2], int(packed[-1].item())
+
     def _check_finite(self, losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+        if self.dist.world_size > 1 and distributed.any_rank(bool(bad)) and not bad:
+            bad = [f"(on another rank than rank {self.dist.rank})"]  # every rank stops together
         if bad:
             raise NonFiniteLossError(
                 f"loss component(s) {bad} became NaN/inf at epoch {epoch + 1}, batch {step + 1}; the run stopped and "
@@ -243,6 +308,11 @@ class Trainer:
                     counts[name][0] += c1
                     counts[name][1] += c5
             total += y.shape[0]
+        if self.dist.world_size > 1:  # each rank evaluated its shard of the val split
+            packed = torch.stack([c.float() for name in models for c in counts[name]] + [torch.tensor(float(total), device=self.device)])
+            distributed.all_reduce_sum(packed)
+            counts = {name: [packed[2 * i], packed[2 * i + 1]] for i, name in enumerate(models)}
+            total = int(packed[-1].item())
         for i, name in enumerate(models):
             prefix = "val" if i == 0 else f"val_{name}"
             metrics[f"{prefix}/top1"] = 100.0 * counts[name][0].item() / max(1, total)
@@ -250,8 +320,9 @@ class Trainer:
         return metrics
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _state(self, epoch: int) -> dict[str, Any]:
+    def _state(self, epoch: int, partial: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
+            "partial": partial,  # None at an epoch boundary
             "version": CHECKPOINT_VERSION,
             "epoch": epoch,  # epochs completed
             "distiller": self.distiller.training_state(),
@@ -263,9 +334,11 @@ class Trainer:
             "run_name": self.run_info.name,
         }
 
-    def save(self, epoch: int, is_best: bool) -> None:
+    def save(self, epoch: int, is_best: bool, partial: dict[str, Any] | None = None) -> None:
+        if not self.dist.is_main:  # all ranks hold the same state; rank 0 writes it
+            return
         path = self.ckpt_dir / "last.pt"
-        save_checkpoint(path, self._state(epoch))
+        save_checkpoint(path, self._state(epoch, partial))
         if is_best:
             # The published CIFAR teacher format, so a teacher trained here loads like theirs.
             best = {"model": self.distiller.student.state_dict(), "epoch": epoch, "best_acc": self.best_top1}
@@ -301,25 +374,35 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = int(state["epoch"])
+        self.partial = state.get("partial")
         self.best_top1 = float(state["best_top1"])
         self.history = list(state["history"])
         set_rng_state(state["rng"])
         # Rewrite the metrics file from the checkpoint's history: epochs after the checkpoint were
         # lost with the interruption and will be run again, so they must not be counted twice.
         lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.history)
-        atomic_write_text(self.out_dir / "metrics.jsonl", lines)
-        log.info("resumed from %s at epoch %d", path, self.start_epoch)
+        if self.dist.is_main:
+            atomic_write_text(self.out_dir / "metrics.jsonl", lines)
+        where = f", batch {self.partial['step']}" if self.partial else ""
+        log.info("resumed from %s at epoch %d%s", path, self.start_epoch, where)
 
     # --- the run -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         resume_path = self.find_resume_checkpoint()
+        if self.dist.world_size > 1 and not distributed.all_ranks_agree(resume_path is not None):
+            raise CheckpointError(
+                f"the ranks disagree on whether {self.ckpt_dir / 'last.pt'} exists: the run folder must be on a "
+                "filesystem shared by all ranks (or pass the same trainer.resume path to every rank)"
+            )
         if resume_path is not None:
             self.resume(resume_path)
         else:
-            (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            if self.dist.is_main:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
             self._fill_banks()
         self.run_info.start_epoch = self.start_epoch
+        self.run_info.extra["start_batch"] = int(self.partial["step"]) if self.partial else 0
         self.callbacks.on_run_start(self.run_info)
         status = "completed"
         start = time.perf_counter()
@@ -327,7 +410,14 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 metrics = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-                metrics.update(self.train_epoch(epoch))
+                partial, self.partial = self.partial, None
+                try:
+                    metrics.update(self.train_epoch(epoch, partial if partial and int(partial["epoch"]) == epoch else None))
+                except _Interrupted as interrupted:
+                    self.save(epoch, False, interrupted.partial)
+                    status = "interrupted"
+                    log.warning("interrupted at epoch %d batch %d: checkpoint saved", epoch + 1, interrupted.partial["step"])
+                    break
                 self.scheduler.step()
                 if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
                     metrics.update(self.evaluate())
@@ -337,7 +427,8 @@ class Trainer:
                 self.best_top1 = max(self.best_top1, top1)
                 metrics["val/best_top1"] = self.best_top1
                 self.history.append(metrics)
-                if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs or is_best:
+                saved = (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs or is_best
+                if saved:
                     self.save(epoch + 1, is_best)
                 self.callbacks.on_epoch_end(epoch + 1, metrics)
                 last = metrics
@@ -345,7 +436,12 @@ class Trainer:
                     "epoch %d/%d loss %.4f val top1 %.2f (best %.2f) %.1fs",
                     epoch + 1, self.cfg.epochs, metrics.get("train/loss", math.nan), top1, self.best_top1, metrics["time/epoch_s"],
                 )
-                if self.callbacks.should_stop():
+                if epoch + 1 < self.cfg.epochs and self._interrupt_requested():
+                    if not saved:
+                        self.save(epoch + 1, False)
+                    status = "interrupted"
+                    break
+                if self._agree(self.callbacks.should_stop()):
                     status = "stopped"
                     break
         except NonFiniteLossError:
@@ -365,12 +461,14 @@ class Trainer:
                 "last_top1": last.get("val/top1"),
                 "last_top5": last.get("val/top5"),
                 "wall_time_s": time.perf_counter() - start,
+                "world_size": self.dist.world_size,
                 "out_dir": str(self.out_dir),
                 "best_checkpoint": str(self.ckpt_dir / "best.pt"),
             }
             if status != "completed" or resume_path is not None:
                 summary["resumed_from_epoch"] = self.run_info.start_epoch
-            atomic_write_json(self.out_dir / "result.json", summary)
+            if self.dist.is_main:
+                atomic_write_json(self.out_dir / "result.json", summary)
             self.callbacks.on_run_end(summary)
         return summary
 
@@ -379,9 +477,11 @@ class Trainer:
         if not self.distiller.banks or self.distiller.bank_fill_source() is None:
             return
         self.distiller.eval()
-        loader = self.data.train_loader(self.cfg.eval_batch_size, shuffle=False, augment=False, device=self.device, num_workers=self.cfg.num_workers)
+        loader = self.data.train_loader(self._eval_batch, shuffle=False, augment=False, device=self.device, num_workers=self.cfg.num_workers, **self._shard)
         loader.set_epoch(0)
         batches = self._progress(loader, len(loader), "filling memory bank")
+        if self.dist.world_size > 1:  # each rank fills from its shard; GatheredBank.fill shares the rows
+            batches = distributed.pad_steps(batches, distributed.fill_steps(self.data.num_train, self._eval_batch, self.dist.world_size))
         if self.channels_last:
             batches = ((x.contiguous(memory_format=torch.channels_last), y, idx) for x, y, idx in batches)
         with self._autocast():

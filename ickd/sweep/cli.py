@@ -80,7 +80,7 @@ def run_workers(handle: StudyHandle, workers: int, stop_timeout: float = 600) ->
     """Reap what a previous run left, start ``workers`` local worker processes and wait for them,
     with a progress bar; Ctrl-C stops them after their current epoch. Returns their exit codes."""
     study = handle.study()
-    reaped = reap(study, float(handle.spec.heartbeat.get("grace_s", 120)), int(handle.spec.retry.get("max_retries", 0)))
+    reaped = reap(study, float(handle.spec.heartbeat.get("grace_s", 120)), int(handle.spec.retry.get("max_retries", 0)), suspend_grace_s=handle.spec.heartbeat.get("suspend_grace_s"))
     _print_reaped(reaped)
     print(f"study {handle.name}: {handle.spec.n_trials} trials, {workers} local workers, logs in {handle.dir / 'workers'}", flush=True)
     procs = [_spawn_worker(handle, i, workers) for i in range(workers)]
@@ -179,7 +179,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 def cmd_reap(args: argparse.Namespace) -> None:
     handle = StudyHandle.load(args.study, args.root)
     grace = args.grace if args.grace is not None else float(handle.spec.heartbeat.get("grace_s", 120))
-    reaped = reap(handle.study(), grace, int(handle.spec.retry.get("max_retries", 0)), retry=not args.no_retry)
+    reaped = reap(handle.study(), grace, int(handle.spec.retry.get("max_retries", 0)), retry=not args.no_retry, suspend_grace_s=handle.spec.heartbeat.get("suspend_grace_s"))
     if not reaped:
         print("no trial with a lost worker")
     _print_reaped(reaped, retry=not args.no_retry)

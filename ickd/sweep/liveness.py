@@ -26,16 +26,27 @@ def process_start_ticks(pid: int) -> int | None:
 
 def worker_identity() -> dict[str, object]:
     pid = os.getpid()
-    return {"worker_host": hostname(), "worker_pid": pid, "worker_start": process_start_ticks(pid), "heartbeat_at": time.time()}
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return {
+        "worker_host": hostname(), "worker_pid": pid, "worker_start": process_start_ticks(pid), "heartbeat_at": time.time(),
+        "worker_job": job or os.environ.get("SLURM_JOB_ID"), "suspended_at": None,
+    }
 
 
-def worker_is_gone(user_attrs: dict, grace_s: float, started_at: float | None, now: float | None = None) -> str | None:
+def worker_is_gone(user_attrs: dict, grace_s: float, started_at: float | None, now: float | None = None, suspend_grace_s: float | None = None) -> str | None:
     """Why the trial's worker is considered gone, or None while it looks alive.
 
     Same host: the recorded process no longer exists (immediate). Any host: no heartbeat for
-    ``grace_s`` seconds (node loss, a hung or frozen worker).
+    ``grace_s`` seconds (node loss, a hung or frozen worker). A trial *suspended* by a preemption
+    (its job checkpointed and requeued itself) waits ``suspend_grace_s`` for the job to return.
     """
     now = time.time() if now is None else now
+    suspended = user_attrs.get("suspended_at")
+    if suspended is not None:
+        limit = float(suspend_grace_s if suspend_grace_s is not None else grace_s)
+        if now - float(suspended) > limit:
+            return f"suspended by a preemption {now - float(suspended):.0f} s ago and its job has not come back (suspend_grace_s {limit:.0f} s)"
+        return None
     host, pid, start = user_attrs.get("worker_host"), user_attrs.get("worker_pid"), user_attrs.get("worker_start")
     if host == hostname() and pid is not None:
         ticks = process_start_ticks(int(pid))

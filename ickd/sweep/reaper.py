@@ -50,7 +50,7 @@ def fail_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str
         return False
 
 
-def reap(study: optuna.Study, grace_s: float, max_retries: int, retry: bool = True, now: float | None = None) -> list[dict]:
+def reap(study: optuna.Study, grace_s: float, max_retries: int, retry: bool = True, now: float | None = None, suspend_grace_s: float | None = None) -> list[dict]:
     """Fail every RUNNING trial whose worker is gone and, within ``max_retries``, queue a retry."""
     reaped: list[dict] = []
     if uses_heartbeats(study._storage):
@@ -61,7 +61,7 @@ def reap(study: optuna.Study, grace_s: float, max_retries: int, retry: bool = Tr
     now = time.time() if now is None else now
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started = trial.datetime_start.timestamp() if trial.datetime_start else None
-        reason = worker_is_gone(trial.user_attrs, grace_s, started, now)
+        reason = worker_is_gone(trial.user_attrs, grace_s, started, now, suspend_grace_s)
         if reason is None or not fail_trial(study, trial, reason):
             continue
         retried = None

@@ -52,7 +52,9 @@ MODES = ("best", "last")
 DIRECTIONS = ("maximize", "minimize")
 TOP_KEYS = ("name", "base", "objective", "space", "sampler", "pruner", "n_trials", "storage", "retry", "heartbeat")
 DEFAULT_RETRY = {"max_retries": 2, "max_failures": None}  # None: max(3, n_trials)
-DEFAULT_HEARTBEAT = {"interval_s": 30, "grace_s": 120}
+# suspend_grace_s: how long a trial whose job was preempted (and requeued) may wait for its job to
+# start again before another worker takes it over from its checkpoint.
+DEFAULT_HEARTBEAT = {"interval_s": 30, "grace_s": 120, "suspend_grace_s": 1800}
 # The name becomes a folder and an Optuna study name: keep it portable.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _ABSENT = object()
@@ -341,10 +343,11 @@ def _build(data: dict[str, Any], name: str | None, storage: str | None, n_trials
         _positive_int(retry["max_failures"], "retry.max_failures")
     heartbeat = _mapping(data.get("heartbeat"), "heartbeat", DEFAULT_HEARTBEAT)
     if set(heartbeat) - set(DEFAULT_HEARTBEAT):
-        raise SpecError(f"heartbeat.{sorted(set(heartbeat) - set(DEFAULT_HEARTBEAT))[0]} is not a setting; heartbeat has interval_s, grace_s")
+        raise SpecError(f"heartbeat.{sorted(set(heartbeat) - set(DEFAULT_HEARTBEAT))[0]} is not a setting; heartbeat has interval_s, grace_s, suspend_grace_s")
     heartbeat = {**DEFAULT_HEARTBEAT, **heartbeat}
     _positive_int(heartbeat["interval_s"], "heartbeat.interval_s")
     _positive_int(heartbeat["grace_s"], "heartbeat.grace_s")
+    _positive_int(heartbeat["suspend_grace_s"], "heartbeat.suspend_grace_s")
     if heartbeat["grace_s"] <= heartbeat["interval_s"]:
         raise SpecError(
             f"heartbeat.grace_s ({heartbeat['grace_s']}) must exceed heartbeat.interval_s ({heartbeat['interval_s']}), "

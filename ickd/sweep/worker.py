@@ -21,7 +21,9 @@ from optuna.trial import TrialState
 
 from ickd.config_store import compose_run_config
 from ickd.engine import Callback, RunInfo, train
+from ickd.engine.checkpoint import atomic_write_json
 from ickd.errors import IckdError, NonFiniteLossError
+from ickd.naming import run_id, trial_run_name
 from ickd.sweep.liveness import worker_identity
 from ickd.sweep.reaper import enqueue_retry, reap
 from ickd.sweep.space import params_to_overrides
@@ -131,21 +133,27 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool
     return len(earlier) >= n_trials and "retry_of" not in trial.user_attrs
 
 
-def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, stop: threading.Event) -> str:
-    """Train one trial; returns the state it was told with."""
+# A worker run by a launcher stops mid-epoch on a preemption signal and leaves its trial RUNNING and
+# *suspended*; its requeued job continues the very same trial from the checkpoint.
+SUSPENDED = "SUSPENDED"
+
+
+def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, stop: threading.Event, guard: Callback | None = None, state_file: Path | None = None) -> str:
+    """Train one trial; returns the state it was told with (or SUSPENDED)."""
     spec = handle.spec
     # A retry keeps the identity of the trial it continues: same run folder, same run name.
     first = int(trial.user_attrs.get("first_trial", trial.number))
     run_dir = Path(trial.user_attrs.get("run_dir") or handle.trial_dir(first))
-    for key, value in {**worker_identity(), "run_dir": str(run_dir), "first_trial": first}.items():
+    name = trial_run_name(spec.name, first)
+    for key, value in {**worker_identity(), "run_dir": str(run_dir), "first_trial": first, "run_id": run_id(spec.name, name)}.items():
         trial.set_user_attr(key, value)
-    overrides = [*spec.base, *params_to_overrides(trial.params), f"name={spec.name}-t{first:04d}"]
+    overrides = [*spec.base, *params_to_overrides(trial.params), f"name={name}"]
     trial.set_user_attr("overrides", overrides)
     callback = TrialCallback(trial, handle, stop)
     log.info("trial %d: %s -> %s", trial.number, " ".join(params_to_overrides(trial.params)), run_dir)
     try:
         with Heartbeat(study, trial._trial_id, float(spec.heartbeat.get("interval_s", 30))):
-            summary = train(compose_run_config(overrides), run_dir, callbacks=[callback])
+            summary = train(compose_run_config(overrides), run_dir, callbacks=[callback, *([guard] if guard else [])])
     except Exception as exc:  # the worker goes on with the next trial
         reason = f"non-finite loss: {exc}" if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         trial.set_user_attr("fail_reason", reason)
@@ -155,6 +163,16 @@ def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, sto
         log.error("trial %d failed: %s", trial.number, reason)
         tell(study, trial, state=TrialState.FAIL)
         return "FAIL"
+    if summary["status"] == "interrupted":
+        requeue = bool(getattr(guard, "requeue_requested", False))
+        if requeue and state_file is not None:
+            # Preempted: the job requeues itself and continues this very trial (same number).
+            trial.set_user_attr("suspended_at", time.time())
+            atomic_write_json(state_file, {"trial_id": trial._trial_id, "number": trial.number, "study": spec.name})
+            log.warning("trial %d suspended at its checkpoint; the requeued job continues it", trial.number)
+            return SUSPENDED
+        stop.set()  # SIGTERM: this worker is going away; another worker continues from the checkpoint
+        summary["status"] = "stopped"
     if callback.pruned:
         tell(study, trial, state=TrialState.PRUNED)
         return "PRUNED"
@@ -175,25 +193,55 @@ def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, sto
     return "COMPLETE"
 
 
-def run_worker(study: str, root: str | None = None, index: int = 0, max_trials: int | None = None) -> dict[str, int]:
-    """Run trials until the study's budget is used up (or ``max_trials`` here, or SIGTERM)."""
+def suspended_trial(study: optuna.Study, state_file: Path | None) -> optuna.Trial | None:
+    """The trial this worker suspended before its job was requeued, if it is still ours to continue."""
+    if state_file is None or not Path(state_file).is_file():
+        return None
+    state = json.loads(Path(state_file).read_text())
+    Path(state_file).unlink()
+    frozen = next((t for t in study.get_trials(deepcopy=False) if t._trial_id == state["trial_id"]), None)
+    if frozen is None or frozen.state != TrialState.RUNNING or frozen.user_attrs.get("suspended_at") is None:
+        log.warning("trial %s was taken over while this job was away; asking for a new one", state.get("number"))
+        return None
+    log.info("continuing suspended trial %d", frozen.number)
+    return optuna.trial.Trial(study, frozen._trial_id)
+
+
+def run_worker(
+    study: str, root: str | None = None, index: int = 0, max_trials: int | None = None,
+    guard: Callback | None = None, state_file: str | Path | None = None,
+) -> dict[str, int]:
+    """Run trials until the study's budget is used up (or ``max_trials`` here, or SIGTERM).
+
+    With a ``guard`` (a launcher's preemption guard) a signal stops the trial mid-epoch; with a
+    ``state_file`` a preempted trial is suspended there and continued when the worker restarts.
+    """
     handle = StudyHandle.load(study, root)
     spec = handle.spec
     stop = threading.Event()
+    state_path = Path(state_file) if state_file else None
 
     def on_signal(signum, frame):  # finish the current epoch, checkpoint, then stop
         log.warning("worker %d: signal %d, stopping after this epoch", index, signum)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
+    if guard is None:
+        signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     optuna_study = handle.study(seed_offset=index)
     counts: dict[str, int] = {}
     grace = float(spec.heartbeat.get("grace_s", 120))
+    suspend_grace = float(spec.heartbeat.get("suspend_grace_s", 1800))
     max_retries = int(spec.retry.get("max_retries", 0))
     max_failures = int(spec.retry.get("max_failures") or max(3, spec.n_trials))
-    while not stop.is_set() and (max_trials is None or sum(counts.values()) < max_trials):
-        reap(optuna_study, grace, max_retries)
+    resumed = suspended_trial(optuna_study, state_path)
+    if resumed is not None:
+        state = run_trial(handle, optuna_study, resumed, stop, guard, state_path)
+        counts[state] = counts.get(state, 0) + 1
+    while not stop.is_set() and SUSPENDED not in counts and (max_trials is None or sum(counts.values()) < max_trials):
+        if guard is not None and guard.interrupt_requested():
+            break
+        reap(optuna_study, grace, max_retries, suspend_grace_s=suspend_grace)
         if not budget_left(optuna_study, spec.n_trials):
             break
         if too_many_failures(optuna_study, max_failures):
@@ -206,7 +254,7 @@ def run_worker(study: str, root: str | None = None, index: int = 0, max_trials: 
                 trial.set_user_attr("skipped", True)
                 tell(optuna_study, trial, state=TrialState.FAIL)
                 break
-            state = run_trial(handle, optuna_study, trial, stop)
+            state = run_trial(handle, optuna_study, trial, stop, guard, state_path)
         except StudyDone:
             break
         counts[state] = counts.get(state, 0) + 1
@@ -220,14 +268,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", default=None)
     parser.add_argument("--index", type=int, default=0, help="worker index (seeds its sampler differently)")
     parser.add_argument("--max-trials", type=int, default=None)
+    parser.add_argument("--state-file", default=None, help="(launchers) where a preempted trial is suspended; enables mid-epoch stops on USR2/TERM")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker{args.index} %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    guard = None
+    if args.state_file:
+        from ickd.launch.preemption import PreemptionGuard
+
+        guard = PreemptionGuard().install()
     try:
-        run_worker(args.study, args.root, args.index, args.max_trials)
+        counts = run_worker(args.study, args.root, args.index, args.max_trials, guard=guard, state_file=args.state_file)
     except IckdError as exc:
         log.error("%s", exc)
         sys.exit(2)
+    if guard is not None and guard.interrupt_requested():
+        from ickd.launch.preemption import EXIT_INTERRUPTED
+
+        sys.exit(EXIT_INTERRUPTED if SUSPENDED in counts or guard.requeue_requested else 0)
 
 
 if __name__ == "__main__":
