@@ -13,6 +13,10 @@ commands:
                             submit runs, grids or study workers to SLURM (or locally) and return at once
   jobs <status|logs|cancel|resubmit-failed> ...
                             monitor and manage launched jobs
+  report STUDY [--out FILE] [--baselines DIR ...] [--wandb]
+                            a study's report: one self-contained HTML file (and a W&B report with --wandb)
+  wandb sync [PATH ...] [-j N] [--dry-run]
+                            upload offline W&B runs below studies, launches or run folders (skips synced ones)
   demo [--out DIR]          the main job: Fashion-MNIST teacher, then CE / KD / IC-KD students, and a comparison table
 """
 
@@ -37,6 +41,14 @@ def main(argv: list[str] | None = None) -> None:
         from ickd.launch.cli import main as launch_cli
 
         launch_cli(command, rest)
+    elif command == "report":
+        from ickd.track.report_cli import main as report_main
+
+        report_main(rest)
+    elif command == "wandb":
+        from ickd.track.sync import main as wandb_main
+
+        wandb_main(rest)
     elif command == "demo":
         from ickd.demo import main as demo_main
 

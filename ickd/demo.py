@@ -138,7 +138,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     atomic_write_json(out / "summary.json", {"rows": rows, "study": study_info, "total_wall_time_s": total})
     if _plot(rows, out / "curves.png"):
         print(f"\nlearning curves: {out / 'curves.png'}")
+    if study_info:
+        _report(out, study_info["folder"])
     return rows
+
+
+def _report(out: Path, study_dir: str) -> None:
+    """The study's HTML report, with the demo's CE/KD/IC-KD (default) runs as baselines."""
+    from ickd.track.report import write_local_report
+
+    baselines = [out / name for name in ("ce", "kd", "ickd") if (out / name / "result.json").is_file()]
+    try:
+        path = write_local_report(study_dir, out / "report.html", baselines=baselines)
+    except Exception as exc:  # the demo's results are on disk already; a report bug must not hide them
+        print(f"\nstudy report failed: {type(exc).__name__}: {exc}")
+        return
+    print(f"\nstudy report: {path} (open it in a browser; `ickd report {study_dir} --baselines ...` rewrites it)")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,11 @@ def main(cfg: DictConfig) -> float | None:
         from ickd.launch.preemption import PreemptionGuard
 
         guard = PreemptionGuard().install()
+    from ickd.track import loggers_for
+
     try:
-        summary = train(cfg, out_dir, callbacks=[guard] if guard else None)
+        callbacks = ([guard] if guard else []) + loggers_for(cfg, out_dir)
+        summary = train(cfg, out_dir, callbacks=callbacks or None)
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         sys.exit(EXIT_NONFINITE)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,7 +90,13 @@ def train_one(run: RunSpec, guard: PreemptionGuard) -> dict[str, Any]:
         log.info("run %s already completed; nothing to do", run.name)
         return json.loads(done.read_text())
     cfg = compose_run_config([*run.overrides, f"name={run.name}"])
-    return train(cfg, run.out_dir, callbacks=[guard])
+    # W&B (logger=wandb among the overrides): the launch's run id, so a requeued job continues the
+    # same W&B run; runs are grouped by launch (run names are `<launch>-rNNN`).
+    from ickd.track import loggers_for
+
+    launch = re.sub(r"-r\d{3,}$", "", run.name) if re.search(r"-r\d{3,}$", run.name) else None
+    trackers = loggers_for(cfg, run.out_dir, run_id=run.run_id, group=launch, job_type=str(cfg.get("stage") or "student"))
+    return train(cfg, run.out_dir, callbacks=[guard, *trackers])
 
 
 class TrainTask:

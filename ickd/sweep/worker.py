@@ -29,6 +29,7 @@ from ickd.sweep.reaper import enqueue_retry, reap
 from ickd.sweep.space import params_to_overrides
 from ickd.sweep.storage import uses_heartbeats
 from ickd.sweep.studies import StudyHandle
+from ickd.track import loggers_for
 
 log = logging.getLogger("ickd.sweep")
 
@@ -152,8 +153,16 @@ def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, sto
     callback = TrialCallback(trial, handle, stop)
     log.info("trial %d: %s -> %s", trial.number, " ".join(params_to_overrides(trial.params)), run_dir)
     try:
+        config = compose_run_config(overrides)
+        # W&B (logger=wandb in the study's base overrides): one W&B run per trial, its id the trial's
+        # run id (a retry continues it), grouped by study; its path is kept on the trial.
+        trackers = loggers_for(
+            config, run_dir, run_id=run_id(spec.name, name), group=spec.name, job_type="trial",
+            extra={"study": spec.name, "trial": trial.number, "first_trial": first, "params": dict(trial.params)},
+            on_init=lambda path: trial.set_user_attr("wandb_run_path", path),
+        )
         with Heartbeat(study, trial._trial_id, float(spec.heartbeat.get("interval_s", 30))):
-            summary = train(compose_run_config(overrides), run_dir, callbacks=[callback, *([guard] if guard else [])])
+            summary = train(config, run_dir, callbacks=[callback, *([guard] if guard else []), *trackers])
     except Exception as exc:  # the worker goes on with the next trial
         reason = f"non-finite loss: {exc}" if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         trial.set_user_attr("fail_reason", reason)

@@ -1,0 +1,13 @@
+"""Tracking and reporting: W&B logging and sync, study reports (local HTML and W&B)."""
+
+# W&B tracking (ickd/track/wandb_logger.py). Looked up lazily so importing ickd.track (e.g. for the
+# reports) loads neither the trainer nor wandb; wandb itself is imported only when a run starts.
+_LOGGER_NAMES = ("WandbLogger", "loggers_for", "resolve_mode", "redact", "flatten")
+
+
+def __getattr__(name: str):
+    if name in _LOGGER_NAMES:
+        from ickd.track import wandb_logger
+
+        return getattr(wandb_logger, name)
+    raise AttributeError(f"module 'ickd.track' has no attribute {name!r}")

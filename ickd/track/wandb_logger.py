@@ -1,0 +1,402 @@
+"""W&B tracking as a trainer callback: one W&B run per training run or study trial.
+
+The core never imports wandb; this module imports it only when a run starts (``on_run_start``),
+so ``logger=none`` costs nothing. Decisions (docs/design.md, "Tracking (W&B)"):
+
+- the W&B run id is given by the layer above (sweep trial, launch) or persisted in the run folder
+  (``wandb_run_id``), and ``resume="allow"``: a requeued or resumed job continues the same W&B run;
+- each epoch is logged once, at ``step=epoch``; the last logged epoch is persisted
+  (``wandb_last_epoch``) so a resume neither logs an epoch twice nor leaves one out;
+- mode ``auto`` is online only when an API key is configured, otherwise offline (``ickd wandb sync``
+  uploads later); env ``WANDB_MODE`` always wins;
+- secrets never reach the W&B config (:func:`redact`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+from ickd.engine.callbacks import Callback, RunInfo
+from ickd.engine.checkpoint import atomic_write_text
+from ickd.errors import ConfigError
+from ickd.naming import slug
+
+log = logging.getLogger("ickd.track")
+
+RUN_ID_FILE = "wandb_run_id"
+LAST_EPOCH_FILE = "wandb_last_epoch"
+MODES = ("online", "offline", "disabled")
+_ENV_MODE_ALIASES = {"dryrun": "offline", "run": "online", "shared": "online"}
+DEFAULT_HOST = "https://api.wandb.ai"
+
+# --- secrets ----------------------------------------------------------------------------------
+
+REDACTED = "***"
+SECRET_KEY = re.compile(r"api[_-]?key|apikey|password|passwd|secret|token", re.IGNORECASE)
+# scheme://user:password@host -> scheme://user:***@host
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# ?password=...&token=... in query strings
+_QUERY_SECRET = re.compile(r"(?P<head>[?&;](?:[A-Za-z0-9_\-]*(?:api[_-]?key|apikey|password|passwd|secret|token)[A-Za-z0-9_\-]*)=)[^&;#\s]*", re.IGNORECASE)
+
+
+def redact_value(value: Any) -> Any:
+    """Strings with passwords in URLs (credentials or query) hidden; other values unchanged."""
+    if not isinstance(value, str):
+        return value
+    value = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", value)
+    return _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", value)
+
+
+def redact(data: Any) -> Any:
+    """A copy of ``data`` (nested mappings/lists) safe to upload: values under secret-looking keys
+    (api_key, token, password, ...) become ``***`` and passwords inside URLs are hidden."""
+    if isinstance(data, Mapping):
+        return {k: (REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [redact(v) for v in data]
+    return redact_value(data)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line arguments with secrets hidden (``+db.password=x`` -> ``+db.password=***``)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        out.append(f"{key}={REDACTED}" if sep and SECRET_KEY.search(key) and value else redact_value(arg))
+    return out
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"memory": {"k": 4}}`` -> ``{"memory.k": 4}`` (lists stay values), so W&B can filter and
+    group runs by any config key."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name, sep))
+        else:
+            out[name] = dict(value) if isinstance(value, Mapping) else value
+    return out
+
+
+# --- mode -------------------------------------------------------------------------------------
+
+def api_key_configured(env: Mapping[str, str] | None = None) -> bool:
+    """True when W&B would find an API key: WANDB_API_KEY, or a netrc entry for the W&B host
+    (WANDB_BASE_URL, default api.wandb.ai; netrc file from NETRC or ~/.netrc)."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL") or DEFAULT_HOST).hostname or ""
+    path = Path(env.get("NETRC") or Path(env.get("HOME") or Path.home()) / ".netrc")
+    if not path.is_file():
+        return False
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (netrc.NetrcParseError, OSError) as exc:
+        log.warning("cannot read %s (%s); assuming no W&B API key", path, exc)
+        return False
+    return bool(entry and entry[2])
+
+
+def resolve_mode(mode: str | None = "auto", env: Mapping[str, str] | None = None) -> str:
+    """online | offline | disabled. Env WANDB_MODE wins; ``auto`` is online only with an API key."""
+    env = os.environ if env is None else env
+    forced = (env.get("WANDB_MODE") or "").strip().lower()
+    if forced:
+        forced = _ENV_MODE_ALIASES.get(forced, forced)
+        if forced not in MODES:
+            raise ConfigError(f"WANDB_MODE={env.get('WANDB_MODE')!r} is not a W&B mode; use one of {', '.join(MODES)} or unset it")
+        return forced
+    mode = str(mode or "auto").strip().lower()
+    if mode == "auto":
+        return "online" if api_key_configured(env) else "offline"
+    if mode not in MODES:
+        raise ConfigError(f"logger.mode={mode!r} is not valid; use auto, {', '.join(MODES)}")
+    return mode
+
+
+# --- ids and provenance -----------------------------------------------------------------------
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_run_id(run_id: str) -> str:
+    if not _VALID_ID.match(run_id):
+        raise ConfigError(f"W&B run id {run_id!r} is not valid: use 1-64 letters, digits, '-' or '_' (ickd.naming.run_id makes one)")
+    return run_id
+
+
+def read_int(path: Path, default: int = 0) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return default
+
+
+def git_commit(out_dir: Path) -> str | None:
+    """The commit the code came from: a launch's manifest (jobs run a code snapshot, not a checkout)
+    above the run folder, else ``git rev-parse HEAD`` of the package's source tree."""
+    for parent in [out_dir, *out_dir.parents][:6]:
+        manifest = parent / "manifest.json"
+        if manifest.is_file():
+            try:
+                commit = (json.loads(manifest.read_text()).get("code") or {}).get("git_commit")
+            except (OSError, ValueError, AttributeError):
+                commit = None
+            if commit:
+                return str(commit)
+    source = Path(__file__).resolve().parent.parent.parent
+    try:
+        proc = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+
+
+def slurm_ids(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = os.environ if env is None else env
+    keys = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id", "SLURM_ARRAY_TASK_ID": "slurm.array_task_id",
+            "SLURM_RESTART_COUNT": "slurm.restart_count"}
+    return {name: env[k] for k, name in keys.items() if env.get(k)}
+
+
+def numeric(metrics: Mapping[str, Any]) -> dict[str, float | int]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --- the callback -----------------------------------------------------------------------------
+
+class WandbLogger(Callback):
+    """Logs one training run to W&B (rank 0 only: the trainer calls callbacks on rank 0)."""
+
+    def __init__(
+        self,
+        project: str = "ickd",
+        entity: str | None = None,
+        *,
+        group: str | None = None,
+        job_type: str | None = None,
+        tags: list[str] | None = None,
+        mode: str = "auto",
+        run_id: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+        log_model: bool = False,
+        notes: str | None = None,
+        on_init: Callable[[str], None] | None = None,
+    ) -> None:
+        self.project, self.entity, self.group, self.job_type = project, entity, group, job_type
+        self.tags = [str(t) for t in (tags or [])]
+        self.mode = mode
+        self.explicit_id = check_run_id(run_id) if run_id else None
+        self.extra = dict(extra or {})
+        self.log_model = bool(log_model)
+        self.notes = notes
+        self.on_init = on_init
+        self.run: Any = None
+        self.run_id: str | None = None
+        self._run_path: str | None = None
+        self.out_dir: Path | None = None
+        self.last_epoch = 0
+
+    @property
+    def run_path(self) -> str | None:
+        """``entity/project/id`` (``project/id`` offline without an entity), once the run started."""
+        return self._run_path
+
+    # ids ---------------------------------------------------------------------------------------
+    def _choose_id(self, run: RunInfo) -> str:
+        id_file = run.out_dir / RUN_ID_FILE
+        stored = id_file.read_text().strip() if id_file.is_file() else None
+        restarted = run.start_epoch == 0 and not run.extra.get("start_batch") and read_int(run.out_dir / LAST_EPOCH_FILE) > 0
+        if self.explicit_id:
+            run_id = self.explicit_id
+        elif stored and not restarted:
+            run_id = check_run_id(stored)
+        else:  # a new run, or this folder's run started over from scratch (trainer.resume=never)
+            run_id = f"{slug(run.name, 40)}-{secrets.token_hex(4)}"
+        if run_id != stored:
+            atomic_write_text(id_file, run_id + "\n")
+        if restarted or run_id != stored:
+            atomic_write_text(run.out_dir / LAST_EPOCH_FILE, "0\n")
+        return run_id
+
+    def _config(self, run: RunInfo) -> dict[str, Any]:
+        config = flatten(redact(run.config))
+        extra = {"run.name": run.name, "run.stage": run.stage, "run.out_dir": str(run.out_dir), **slurm_ids()}
+        commit = git_commit(run.out_dir)
+        if commit:
+            extra["git.commit"] = commit
+        extra.update(flatten(redact(self.extra)))
+        return {**config, **extra}
+
+    # callback ----------------------------------------------------------------------------------
+    def on_run_start(self, run: RunInfo) -> None:
+        try:
+            import wandb  # lazily: only runs with logger=wandb need it
+        except ImportError as exc:
+            raise ConfigError(f"logger=wandb needs the wandb package ({exc}); install it with `pip install -e '.[wandb]'` or use logger=none") from exc
+
+        self.out_dir = Path(run.out_dir)
+        self.run_id = self._choose_id(run)
+        self.last_epoch = read_int(self.out_dir / LAST_EPOCH_FILE)
+        mode = resolve_mode(self.mode)
+        kwargs = dict(
+            project=self.project, entity=self.entity or None, group=self.group or None, job_type=self.job_type or run.stage,
+            name=run.name, tags=self.tags or None, notes=self.notes, id=self.run_id, resume="allow", dir=str(self.out_dir),
+            config=self._config(run), reinit="create_new",
+        )
+        # W&B records the command line (sys.argv) in the run's metadata: hide secrets given as
+        # Hydra overrides there too, for the duration of init (when the settings are captured).
+        argv, sys.argv = sys.argv, redact_argv(sys.argv)
+        try:
+            try:
+                self.run = wandb.init(mode=mode, **kwargs)
+            except Exception as exc:
+                if mode != "online":
+                    raise
+                # A W&B outage must not cost a training run: keep the data locally for `ickd wandb sync`.
+                log.error("W&B online init failed (%s); logging offline instead, upload later with `ickd wandb sync %s`", exc, self.out_dir)
+                self.run = wandb.init(mode="offline", **kwargs)
+        finally:
+            sys.argv = argv
+        # Plot everything against the epoch, not W&B's internal step.
+        self._run_path = "/".join(p for p in (self.entity or getattr(self.run, "entity", None) or None, self.project, self.run_id) if p)
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")
+        log.info("W&B run %s (%s) in %s", self.run_path, mode, self.out_dir / "wandb")
+        self._backfill(run)
+        if self.on_init is not None and self.run_path:
+            self.on_init(self.run_path)
+
+    def _backfill(self, run: RunInfo) -> None:
+        """Epochs in the run's metrics file (rewritten from the checkpoint on resume) that W&B has
+        not seen yet, e.g. when the job died between the checkpoint and the log call."""
+        metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        if run.start_epoch <= self.last_epoch or metrics is None or not metrics.is_file():
+            return
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            epoch = int(row.get("epoch", 0))
+            if self.last_epoch < epoch <= run.start_epoch:
+                self._log(epoch, row)
+
+    def _log(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        data = numeric(metrics)
+        data["epoch"] = epoch
+        self.run.log(data, step=epoch)
+        self.last_epoch = epoch
+        atomic_write_text(self.out_dir / LAST_EPOCH_FILE, f"{epoch}\n")
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.run is None or epoch <= self.last_epoch:
+            return  # already logged before an interruption (the epoch ran again after the checkpoint)
+        self._log(epoch, metrics)
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        status = str(summary.get("status"))
+        try:
+            total = self._total_time()
+            values = {
+                "status": status,
+                "best_top1": summary.get("best_top1"),
+                "last_top1": summary.get("last_top1"),
+                "last_top5": summary.get("last_top5"),
+                "epochs_completed": summary.get("epochs_completed"),
+                "epochs": summary.get("epochs"),
+                "wall_time_s": summary.get("wall_time_s"),  # this attempt
+                "total_time_s": total,                       # all epochs, across resumes
+            }
+            self.run.summary.update({k: v for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
+            best = Path(str(summary.get("best_checkpoint") or ""))
+            if self.log_model and status == "completed" and best.is_file():
+                import wandb
+
+                artifact = wandb.Artifact(f"model-{self.run_id}", type="model", metadata={"best_top1": summary.get("best_top1")})
+                artifact.add_file(str(best))
+                self.run.log_artifact(artifact)
+            if status == "interrupted":
+                self.run.mark_preempting()  # W&B shows it as preempted, not crashed; the requeue resumes it
+        finally:
+            self.run.finish(exit_code=0 if status in ("completed", "stopped", "interrupted") else 1)
+            self.run = None
+
+    def _total_time(self) -> float | None:
+        path = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        if path is None or not path.is_file():
+            return None
+        total = 0.0
+        for line in path.read_text().splitlines():
+            try:
+                total += float(json.loads(line).get("time/epoch_s") or 0.0)
+            except (ValueError, TypeError, AttributeError):
+                continue
+        return total
+
+
+# --- from the run config ----------------------------------------------------------------------
+
+def logger_section(config: Mapping[str, Any]) -> dict[str, Any]:
+    from ickd.engine.run import to_container
+
+    section = to_container(config).get("logger") or {}
+    if isinstance(section, str):  # logger=wandb given as a plain value somewhere
+        section = {"name": section}
+    return dict(section)
+
+
+def loggers_for(
+    config: Mapping[str, Any],
+    out_dir: str | os.PathLike | None = None,
+    *,
+    run_id: str | None = None,
+    group: str | None = None,
+    job_type: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    on_init: Callable[[str], None] | None = None,
+) -> list[Callback]:
+    """The tracking callbacks the run config asks for (its ``logger`` group): ``[]`` for
+    ``logger=none`` (or no logger key), ``[WandbLogger]`` for ``logger=wandb``. ``run_id``, ``group``
+    and ``job_type`` come from the layer above (sweep trial, launch); they override the config's.
+    ``on_init(run_path)`` is called once the W&B run started. ``out_dir`` is where the run trains
+    (the logger takes it from the trainer; accepted for symmetry and checks)."""
+    section = logger_section(config)
+    name = str(section.get("name") or "none").lower()
+    if name in ("none", "null", "off", "false"):
+        return []
+    if name != "wandb":
+        raise ConfigError(f"logger.name={name!r} is unknown; use logger=none or logger=wandb")
+    known = {"name", "project", "entity", "group", "tags", "mode", "job_type", "log_model", "notes"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(f"unknown logger keys {unknown}; valid keys: {sorted(known)}")
+    return [
+        WandbLogger(
+            project=str(section.get("project") or "ickd"),
+            entity=section.get("entity") or None,
+            group=group or section.get("group") or None,
+            job_type=job_type or section.get("job_type") or None,
+            tags=list(section.get("tags") or []),
+            mode=str(section.get("mode") or "auto"),
+            run_id=run_id,
+            extra=extra,
+            log_model=bool(section.get("log_model", False)),
+            notes=section.get("notes") or None,
+            on_init=on_init,
+        )
+    ]
