@@ -392,7 +392,7 @@ def test_launched_run_uses_the_launch_run_id_and_groups_by_launch(tmp_path, offl
 
     name = launch_run_name("grid-x", 3)
     spec = RunSpec(3, name, run_id("grid-x", name), str(tmp_path / "runs" / name),
-                   [*FAST, "stage=teacher", "model=resnet8", "trainer.epochs=1", "trainer.max_batches_per_epoch=2", "logger=wandb"])
+                   [*FAST, "stage=teacher", "model=resnet8", "trainer.epochs=1", "trainer.max_batches_per_epoch=2", "logger=wandb"], "grid-x")
     assert train_one(spec, Callback())["status"] == "completed"
     (run,) = offline_runs(Path(spec.out_dir))
     assert (run["id"], run["group"], run["job_type"], run["name"]) == (spec.run_id, "grid-x", "teacher", name)

@@ -121,7 +121,7 @@ def _run_specs(launch: Launch, grid: list[list[str]]) -> list[RunSpec]:
     runs = []
     for i, overrides in enumerate(grid):
         name = launch_run_name(launch.name, i)
-        runs.append(RunSpec(i, name, run_id(launch.name, name), str(launch.dir / "runs" / name), overrides))
+        runs.append(RunSpec(i, name, run_id(launch.name, name), str(launch.dir / "runs" / name), overrides, launch.name))
     return runs
 
 
@@ -207,7 +207,7 @@ def resubmit(launch: Launch, entries: list[dict[str, Any]], profile: Profile) ->
             specs = [WorkerSpec(w, launch.data["study"]["dir"], str(launch.dir / "workers" / f"worker-{w:03d}.json")) for e in group for w in e["workers"]]
             tasks.append(SweepTask(specs, _threads(profile, len(specs)) if len(specs) > 1 else None))
         else:
-            runs = [RunSpec(e["index"], e["run"], e["run_id"], e["out_dir"], e["overrides"]) for e in group]
+            runs = [RunSpec(e["index"], e["run"], e["run_id"], e["out_dir"], e["overrides"], launch.name) for e in group]
             tasks.append(TrainTask(runs, _threads(profile, len(runs)) if len(runs) > 1 else None))
     job_ids = _submit(launch, profile, tasks, launch.name)
     for group, job_id in zip(groups.values(), job_ids):

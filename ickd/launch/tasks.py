@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -40,6 +39,7 @@ class RunSpec:
     run_id: str
     out_dir: str
     overrides: list[str] = field(default_factory=list)
+    launch: str | None = None  # the launch it belongs to (the W&B group)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -91,11 +91,10 @@ def train_one(run: RunSpec, guard: PreemptionGuard) -> dict[str, Any]:
         return json.loads(done.read_text())
     cfg = compose_run_config([*run.overrides, f"name={run.name}"])
     # W&B (logger=wandb among the overrides): the launch's run id, so a requeued job continues the
-    # same W&B run; runs are grouped by launch (run names are `<launch>-rNNN`).
+    # same W&B run; runs are grouped by launch.
     from ickd.track import loggers_for
 
-    launch = re.sub(r"-r\d{3,}$", "", run.name) if re.search(r"-r\d{3,}$", run.name) else None
-    trackers = loggers_for(cfg, run.out_dir, run_id=run.run_id, group=launch, job_type=str(cfg.get("stage") or "student"))
+    trackers = loggers_for(cfg, run.out_dir, run_id=run.run_id, group=run.launch, job_type=str(cfg.get("stage") or "student"))
     return train(cfg, run.out_dir, callbacks=[guard, *trackers])
 
 
