@@ -4,6 +4,7 @@ because the id is a pure function of where the run belongs (launch or study) and
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -18,6 +19,15 @@ def run_id(group: str, member: str) -> str:
     launch or study ``group``; a short hash keeps two groups with similar names apart."""
     digest = hashlib.sha1(f"{group}/{member}".encode()).hexdigest()[:8]
     return f"{slug(group, 30)}-{slug(member, 20)}-{digest}"
+
+
+def slurm_job_id() -> str | None:
+    """This process's SLURM job as `ickd jobs` and squeue name it: ``<array job>_<task>`` for an
+    array task, else the job id; None outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
+    return env.get("SLURM_JOB_ID")
 
 
 def launch_run_name(launch: str, index: int) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ickd.engine.callbacks import Callback, RunInfo
+from ickd.naming import slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,8 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL
 
 
 def slurm_context() -> dict[str, Any]:
-    env = os.environ
-    job = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}" or env.get("SLURM_JOB_ID")
-    return {"job_id": job, "restart_count": int(env.get("SLURM_RESTART_COUNT", 0) or 0), "host": os.uname().nodename, "pid": os.getpid()}
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+    return {"job_id": slurm_job_id(), "restart_count": restarts, "host": os.uname().nodename, "pid": os.getpid()}
 
 
 def append_event(folder: str | os.PathLike | None, event: str, **fields: Any) -> None:

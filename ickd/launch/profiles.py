@@ -69,8 +69,6 @@ DEFAULTS: dict[str, Any] = {
     "additional_parameters": {},
     "setup": [],
 }
-# Keys a local executor can honour; the others describe a SLURM allocation and are ignored there.
-LOCAL_KEYS = {"timeout_min", "gpus_per_node", "tasks_per_node", "nodes", "cpus_per_task", "mem_gb", "signal_delay_s", "max_num_timeout", "setup"}
 
 
 @dataclass
@@ -92,6 +90,17 @@ class Profile:
     @property
     def trials_per_gpu(self) -> int:
         return int(self.values.get("trials_per_gpu") or 1)
+
+    @property
+    def runs_per_job(self) -> int:
+        """Runs (or study workers) packed into one job: trials_per_gpu on each of its GPUs."""
+        return self.trials_per_gpu * max(1, int(self.values.get("gpus_per_node") or 0))
+
+    def threads_per_run(self, runs_in_job: int) -> int | None:
+        """Each packed process's share of the job's CPUs (None for a lone run: the job's own)."""
+        if runs_in_job <= 1:
+            return None
+        return max(1, int(self.values["cpus_per_task"]) // runs_in_job)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, **self.values}

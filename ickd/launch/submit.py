@@ -94,10 +94,6 @@ def make_executor(launch: Launch, profile: Profile, job_name: str):
     return executor
 
 
-def _threads(profile: Profile, per_job: int) -> int:
-    return max(1, int(profile["cpus_per_task"]) // max(1, per_job))
-
-
 def _submit(launch: Launch, profile: Profile, tasks: list[Any], job_name: str) -> list[str]:
     executor = make_executor(launch, profile, job_name)
     detach = _detached_stdio() if profile.cluster == "local" else contextlib.nullcontext()
@@ -144,9 +140,8 @@ def launch_runs(kind: str, overrides: list[str], profile: Profile, name: str | N
         return Launch(Path("."), {"launch": "dry-run", "kind": kind, "jobs": []})
     launch = _prepare(kind, profile, name, root, ["ickd", "launch", kind, *overrides])
     runs = _run_specs(launch, grid)
-    per_job = profile.trials_per_gpu * max(1, int(profile.get("gpus_per_node") or 0))
-    packs = _chunks(runs, per_job)
-    tasks = [TrainTask(pack, _threads(profile, len(pack)) if len(pack) > 1 else None) for pack in packs]
+    packs = _chunks(runs, profile.runs_per_job)
+    tasks = [TrainTask(pack, profile.threads_per_run(len(pack))) for pack in packs]
     for run in runs:
         launch.jobs.append({
             "index": run.index, "run": run.name, "run_id": run.run_id, "wandb_run_id": run.run_id,
@@ -179,9 +174,8 @@ def launch_sweep(study: str, workers: int, profile: Profile, name: str | None = 
     state_dir = launch.dir / "workers"
     state_dir.mkdir(parents=True, exist_ok=True)
     specs = [WorkerSpec(i, str(handle.dir.resolve()), str(state_dir / f"worker-{i:03d}.json")) for i in range(workers)]
-    per_job = profile.trials_per_gpu * max(1, int(profile.get("gpus_per_node") or 0))
-    packs = _chunks(specs, per_job)
-    tasks = [SweepTask(pack, _threads(profile, len(pack)) if len(pack) > 1 else None) for pack in packs]
+    packs = _chunks(specs, profile.runs_per_job)
+    tasks = [SweepTask(pack, profile.threads_per_run(len(pack))) for pack in packs]
     for i, pack in enumerate(packs):
         launch.jobs.append({"index": i, "workers": [w.index for w in pack], "job_id": None, "attempts": []})
     launch.data["status"] = "submitting"
@@ -205,10 +199,10 @@ def resubmit(launch: Launch, entries: list[dict[str, Any]], profile: Profile) ->
     for group in groups.values():
         if launch.kind == "sweep":
             specs = [WorkerSpec(w, launch.data["study"]["dir"], str(launch.dir / "workers" / f"worker-{w:03d}.json")) for e in group for w in e["workers"]]
-            tasks.append(SweepTask(specs, _threads(profile, len(specs)) if len(specs) > 1 else None))
+            tasks.append(SweepTask(specs, profile.threads_per_run(len(specs))))
         else:
             runs = [RunSpec(e["index"], e["run"], e["run_id"], e["out_dir"], e["overrides"], launch.name) for e in group]
-            tasks.append(TrainTask(runs, _threads(profile, len(runs)) if len(runs) > 1 else None))
+            tasks.append(TrainTask(runs, profile.threads_per_run(len(runs))))
     job_ids = _submit(launch, profile, tasks, launch.name)
     for group, job_id in zip(groups.values(), job_ids):
         for entry in group:

@@ -98,13 +98,19 @@ def train_one(run: RunSpec, guard: PreemptionGuard) -> dict[str, Any]:
     return train(cfg, run.out_dir, callbacks=[guard, *trackers])
 
 
-class TrainTask:
+class _Resubmittable:
+    """submitit calls ``checkpoint()`` on USR2: resubmit the same task, which resumes from disk."""
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        return _checkpointable(self, *args, **kwargs)
+
+
+class TrainTask(_Resubmittable):
     """Train one run, or a pack of runs side by side (each in its own process)."""
 
-    def __init__(self, runs: list[RunSpec], threads_per_run: int | None = None, gpus: int = 0) -> None:
+    def __init__(self, runs: list[RunSpec], threads_per_run: int | None = None) -> None:
         self.runs = list(runs)
         self.threads_per_run = threads_per_run
-        self.gpus = gpus
 
     def __call__(self) -> Any:
         if len(self.runs) == 1:
@@ -123,19 +129,15 @@ class TrainTask:
             ChildSpec([sys.executable, "-m", "ickd.launch.child", "run", run.to_json()], Path(run.out_dir) / "job.log", run.out_dir)
             for run in self.runs
         ]
-        return run_children(children, self.threads_per_run, self.gpus)
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        return _checkpointable(self, *args, **kwargs)
+        return run_children(children, self.threads_per_run)
 
 
-class SweepTask:
+class SweepTask(_Resubmittable):
     """Study workers: one in this process, or several packed on the job's GPU(s)."""
 
-    def __init__(self, workers: list[WorkerSpec], threads_per_run: int | None = None, gpus: int = 0) -> None:
+    def __init__(self, workers: list[WorkerSpec], threads_per_run: int | None = None) -> None:
         self.workers = list(workers)
         self.threads_per_run = threads_per_run
-        self.gpus = gpus
 
     def __call__(self) -> Any:
         if len(self.workers) == 1:
@@ -156,10 +158,7 @@ class SweepTask:
             )
             for w in self.workers
         ]
-        return run_children(children, self.threads_per_run, self.gpus)
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        return _checkpointable(self, *args, **kwargs)
+        return run_children(children, self.threads_per_run)
 
 
 # --- packs of child processes ---------------------------------------------------------------------
@@ -171,7 +170,7 @@ class ChildSpec:
     out_dir: str | None
 
 
-def run_children(children: list[ChildSpec], threads: int | None, gpus: int) -> dict[str, Any]:
+def run_children(children: list[ChildSpec], threads: int | None) -> dict[str, Any]:
     """Run the children side by side; forward USR2/TERM to them; requeue if any stopped for one."""
     guard = PreemptionGuard().install()
     procs: list[subprocess.Popen] = []

@@ -6,6 +6,8 @@ import socket
 import time
 from pathlib import Path
 
+from ickd.naming import slurm_job_id
+
 
 def hostname() -> str:
     return socket.gethostname()
@@ -26,10 +28,9 @@ def process_start_ticks(pid: int) -> int | None:
 
 def worker_identity() -> dict[str, object]:
     pid = os.getpid()
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
     return {
         "worker_host": hostname(), "worker_pid": pid, "worker_start": process_start_ticks(pid), "heartbeat_at": time.time(),
-        "worker_job": job or os.environ.get("SLURM_JOB_ID"), "suspended_at": None,
+        "worker_job": slurm_job_id(), "suspended_at": None,
     }
 
 
