@@ -23,7 +23,7 @@ from ickd.track.sync import find_offline_runs
 from ickd.track.wandb_logger import (
     LAST_EPOCH_FILE, RUN_ID_FILE, WandbLogger, flatten, redact, redact_argv, redact_value, resolve_mode,
 )
-from tests.helpers import FAST, REPO, compose_config, run_ickd
+from tests.helpers import FAST, REPO, compose_config, run_ickd, wait_for
 
 PLANTED_KEY = "planted-fake-key-123"
 
@@ -40,8 +40,16 @@ def offline(monkeypatch, tmp_path):
 
 
 def offline_runs(run_dir: Path) -> list[dict]:
-    dirs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    return [read_run(run_file(d)) for d in dirs]
+    """Every offline run under ``run_dir``, once each file holds its exit record (wandb-core may
+    flush a finished run's file a moment after ``run.finish()`` returns)."""
+    def complete():
+        files = [run_file(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+        if None in files:
+            return None
+        runs = [read_run(f) for f in files]
+        return runs if all(r["exit_code"] is not None for r in runs) else None
+
+    return wait_for(complete, timeout=60, what=f"the offline W&B runs under {run_dir} to be flushed", every=0.2)
 
 
 def epochs_logged(runs: list[dict]) -> list[int]:

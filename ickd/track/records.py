@@ -70,8 +70,10 @@ def _items(items) -> dict[str, Any]:
 def read_run(path: str | Path) -> dict[str, Any]:
     """One run file as plain data: ``id``, ``project``, ``entity``, ``group``, ``job_type``,
     ``name``, ``tags``, ``config`` (key -> value), ``history`` (one dict per logged step) and
-    ``summary`` (the last value of each summary key), ``metrics`` (define_metric calls)."""
-    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "metrics": []}
+    ``summary`` (the last value of each summary key), ``metrics`` (define_metric calls), and
+    ``exit_code`` (None until the run's exit record is on disk: wandb-core buffers the file and may
+    flush its tail only after ``run.finish()`` has returned, so a reader must wait for it)."""
+    run: dict[str, Any] = {"config": {}, "history": [], "summary": {}, "metrics": [], "exit_code": None}
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -88,6 +90,8 @@ def read_run(path: str | Path) -> dict[str, Any]:
         elif kind == "metric":
             m = record.metric
             run["metrics"].append({"name": m.name or m.glob_name, "step_metric": m.step_metric})
+        elif kind == "exit":
+            run["exit_code"] = record.exit.exit_code
     return run
 
 
