@@ -47,7 +47,7 @@ def run(method: str, args: argparse.Namespace, data) -> dict:
     cfg = TrainerConfig(epochs=1, batch_size=args.batch, eval_batch_size=512, device=args.device, progress="off", num_workers=0)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(distiller, data, cfg, {"name": "sgd", "lr": 0.05, "schedule": "constant"}, out)
-        trainer._fill_banks()
+        trainer.fill_banks()
         distiller.train()
         loader = trainer.train_loader
         loader.set_epoch(0)

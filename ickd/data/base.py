@@ -116,7 +116,12 @@ class DataBundle(ABC):
         class_names: one name per class.
         mean, std: per-channel normalisation constants applied to every batch.
         seed: default seed of the loaders (and of the subset choice).
+        pipelines: the input pipelines this dataset offers, default first: ``device`` (the uint8
+            dataset resident on the training device, batched augmentation there, no workers) and/or
+            ``classic`` (torch DataLoader workers running per-sample torchvision PIL transforms).
     """
+
+    pipelines: tuple[str, ...] = ("classic",)
 
     name: str
     num_classes: int
@@ -152,8 +157,10 @@ class DataBundle(ABC):
         seed: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        pipeline: str | None = None,
     ) -> Loader:
-        """Loader over the train split yielding (x, y, idx); ``seed`` defaults to the bundle's.
+        """Loader over the train split yielding (x, y, idx); ``seed`` defaults to the bundle's,
+        ``pipeline`` to the first of ``pipelines`` (:func:`check_pipeline`).
 
         ``rank``/``world_size`` give one data-parallel shard of every epoch's order, with
         ``batch_size`` per rank (``ickd.data.loader`` docstring: shuffled shards are equal-sized,
@@ -168,8 +175,20 @@ class DataBundle(ABC):
         num_workers: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        pipeline: str | None = None,
     ) -> Loader:
         """Loader over the val split in fixed order, no augmentation (``rank::world_size`` when sharded)."""
+
+    def check_pipeline(self, pipeline: str | None) -> str:
+        """``pipeline`` if this dataset offers it (None: its default), else a ConfigError naming the choices."""
+        if pipeline in (None, "auto"):
+            return self.pipelines[0]
+        if pipeline not in self.pipelines:
+            raise ConfigError(
+                f"trainer.pipeline={pipeline!r} is not available for dataset {self.name!r}; "
+                f"it offers: {', '.join(self.pipelines)} (or auto)"
+            )
+        return pipeline
 
     def __repr__(self) -> str:
         return (
@@ -181,6 +200,8 @@ class DataBundle(ABC):
 
 class TensorBundle(DataBundle):
     """A small dataset held in memory as uint8 (N, C, H, W) tensors; batches via InMemoryLoader."""
+
+    pipelines = ("device",)
 
     def __init__(
         self,
@@ -271,7 +292,9 @@ class TensorBundle(DataBundle):
         seed: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        pipeline: str | None = None,
     ) -> InMemoryLoader:
+        self.check_pipeline(pipeline)
         x, y, _, _ = self._tensors(device)
         return InMemoryLoader(
             x, y, batch_size, mean=self.mean, std=self.std, shuffle=shuffle, drop_last=drop_last,
@@ -287,7 +310,9 @@ class TensorBundle(DataBundle):
         num_workers: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        pipeline: str | None = None,
     ) -> InMemoryLoader:
+        self.check_pipeline(pipeline)
         _, _, x, y = self._tensors(device)
         return InMemoryLoader(
             x, y, batch_size, mean=self.mean, std=self.std, shuffle=False, drop_last=False,

@@ -237,8 +237,9 @@ class ImageFolderBundle(DataBundle):
     def train_loader(
         self, batch_size: int, shuffle: bool = True, drop_last: bool = False, augment: bool = True,
         device: str | torch.device = "cpu", num_workers: int | None = None, seed: int | None = None,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, pipeline: str | None = None,
     ) -> FolderLoader:
+        self.check_pipeline(pipeline)
         return FolderLoader(
             self.train_set, batch_size, shuffle=shuffle, drop_last=drop_last, augment=augment,
             seed=self.seed if seed is None else seed, device=device, num_workers=self._workers(num_workers),
@@ -247,8 +248,9 @@ class ImageFolderBundle(DataBundle):
 
     def val_loader(
         self, batch_size: int, device: str | torch.device = "cpu", num_workers: int | None = None,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, pipeline: str | None = None,
     ) -> FolderLoader:
+        self.check_pipeline(pipeline)
         return FolderLoader(
             self.val_set, batch_size, shuffle=False, drop_last=False, augment=False, seed=self.seed,
             device=device, num_workers=self._workers(num_workers), rank=rank, world_size=world_size,

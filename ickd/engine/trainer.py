@@ -57,6 +57,8 @@ class TrainerConfig:
     eval_every: int = 1
     threads: int | None = None
     nonfinite_check_every: int = 1  # batches between NaN/inf checks (each check syncs the device)
+    pipeline: str = "auto"          # auto (the dataset's default) | device | classic
+    step: str = "auto"              # auto (graph on CUDA when the step allows it) | eager | graph
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "TrainerConfig":
@@ -179,10 +181,10 @@ class Trainer:
         # Interrupt polls cost a collective per batch with several ranks: skip them when no callback
         # of rank 0 can ask (rank 0's answer is shared once, here).
         self._interruptible = self._agree(any(type(cb).interrupt_requested is not Callback.interrupt_requested for cb in self.callbacks.callbacks))
-        self.train_loader = data.train_loader(
-            batch, shuffle=True, augment=True, device=self.device, num_workers=trainer_cfg.num_workers, seed=seed, **self._shard
-        )
-        self.val_loader = data.val_loader(self._eval_batch, device=self.device, num_workers=trainer_cfg.num_workers, **self._shard)
+        self.pipeline = data.check_pipeline(trainer_cfg.pipeline)
+        self._loader_kw = {"device": self.device, "num_workers": trainer_cfg.num_workers, "pipeline": self.pipeline, **self._shard}
+        self.train_loader = data.train_loader(batch, shuffle=True, augment=True, seed=seed, **self._loader_kw)
+        self.val_loader = data.val_loader(self._eval_batch, **self._loader_kw)
 
     # --- one step ----------------------------------------------------------------------------
     def _autocast(self):
@@ -400,7 +402,7 @@ class Trainer:
         else:
             if self.dist.is_main:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-            self._fill_banks()
+            self.fill_banks()
         self.run_info.start_epoch = self.start_epoch
         self.run_info.extra["start_batch"] = int(self.partial["step"]) if self.partial else 0
         self.callbacks.on_run_start(self.run_info)
@@ -473,11 +475,11 @@ class Trainer:
         return summary
 
     @torch.no_grad()
-    def _fill_banks(self) -> None:
+    def fill_banks(self) -> None:
         if not self.distiller.banks or self.distiller.bank_fill_source() is None:
             return
         self.distiller.eval()
-        loader = self.data.train_loader(self._eval_batch, shuffle=False, augment=False, device=self.device, num_workers=self.cfg.num_workers, **self._shard)
+        loader = self.data.train_loader(self._eval_batch, shuffle=False, augment=False, **self._loader_kw)
         loader.set_epoch(0)
         batches = self._progress(loader, len(loader), "filling memory bank")
         if self.dist.world_size > 1:  # each rank fills from its shard; GatheredBank.fill shares the rows
