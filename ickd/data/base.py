@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from ickd.data.classic import ClassicLoader
 from ickd.data.loader import STREAM_SUBSET, AugmentSpec, Batch, InMemoryLoader, derive_seed
 from ickd.errors import ConfigError
 from ickd.registry import Registry
@@ -199,9 +200,16 @@ class DataBundle(ABC):
 
 
 class TensorBundle(DataBundle):
-    """A small dataset held in memory as uint8 (N, C, H, W) tensors; batches via InMemoryLoader."""
+    """A small dataset held in memory as uint8 (N, C, H, W) tensors.
 
-    pipelines = ("device",)
+    Pipelines: ``device`` (default; InMemoryLoader, the data moved to the device once and augmented
+    there in whole batches) or ``classic`` (ClassicLoader: DataLoader workers with per-sample
+    torchvision PIL transforms; ``num_workers=None`` means ``min(4, CPUs)``). Both yield the same
+    batches for the same seed and epoch: same samples, crops and flips; the normalised values agree
+    to float rounding (about 1e-7), as the two normalise with differently ordered float operations.
+    """
+
+    pipelines = ("device", "classic")
 
     def __init__(
         self,
@@ -288,20 +296,23 @@ class TensorBundle(DataBundle):
         drop_last: bool = False,
         augment: bool = True,
         device: str | torch.device = "cpu",
-        num_workers: int | None = None,  # accepted for interface parity; batching is in-process
+        num_workers: int | None = None,  # classic pipeline only; the device pipeline has no workers
         seed: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         pipeline: str | None = None,
-    ) -> InMemoryLoader:
-        self.check_pipeline(pipeline)
-        x, y, _, _ = self._tensors(device)
-        return InMemoryLoader(
-            x, y, batch_size, mean=self.mean, std=self.std, shuffle=shuffle, drop_last=drop_last,
+    ) -> InMemoryLoader | ClassicLoader:
+        options: dict[str, Any] = dict(
+            mean=self.mean, std=self.std, shuffle=shuffle, drop_last=drop_last,
             augment=self.augment_spec if augment else None,
             seed=self.seed if seed is None else seed, out_channels=self.out_channels,
             rank=rank, world_size=world_size,
         )
+        if self.check_pipeline(pipeline) == "classic":
+            x, y = self._train
+            return ClassicLoader(x, y, batch_size, device=device, num_workers=num_workers, **options)
+        x, y, _, _ = self._tensors(device)
+        return InMemoryLoader(x, y, batch_size, **options)
 
     def val_loader(
         self,
@@ -311,13 +322,16 @@ class TensorBundle(DataBundle):
         rank: int = 0,
         world_size: int = 1,
         pipeline: str | None = None,
-    ) -> InMemoryLoader:
-        self.check_pipeline(pipeline)
-        _, _, x, y = self._tensors(device)
-        return InMemoryLoader(
-            x, y, batch_size, mean=self.mean, std=self.std, shuffle=False, drop_last=False,
-            augment=None, seed=self.seed, out_channels=self.out_channels, rank=rank, world_size=world_size,
+    ) -> InMemoryLoader | ClassicLoader:
+        options: dict[str, Any] = dict(
+            mean=self.mean, std=self.std, shuffle=False, drop_last=False, augment=None, seed=self.seed,
+            out_channels=self.out_channels, rank=rank, world_size=world_size,
         )
+        if self.check_pipeline(pipeline) == "classic":
+            x, y = self._val
+            return ClassicLoader(x, y, batch_size, device=device, num_workers=num_workers, **options)
+        _, _, x, y = self._tensors(device)
+        return InMemoryLoader(x, y, batch_size, **options)
 
 
 _COMMON = ("root", "download", "train_subset", "val_subset", "seed")

@@ -18,6 +18,11 @@ of that order. Shuffled loaders first drop the order's tail to a multiple of ``w
 equal batches, which DDP's collectives need; fixed-order loaders (evaluation, the bank fill pass)
 keep every sample exactly once, so shards may differ by one sample. ``world_size=1`` is the plain,
 unsharded loader.
+
+An epoch is first *planned* on the CPU (:func:`plan_epoch`: order, shard, batch boundaries and every
+sample's crop/flip draw), then executed: by :class:`InMemoryLoader` on whole batches on the training
+device, or by ``ickd.data.classic.ClassicLoader`` per sample with torchvision PIL transforms in
+DataLoader workers. Both execute the same plan, so both pipelines yield the same batches.
 """
 from __future__ import annotations
 
@@ -27,10 +32,21 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ickd.data.augment import normalize, normalize_constants, random_crop_flip
+from ickd.data.augment import crop_flip, draw_crop_flip, normalize, normalize_constants
 from ickd.errors import ConfigError
 
-__all__ = ["AugmentSpec", "InMemoryLoader", "epoch_generator", "derive_seed", "Batch", "shard_order", "shard_size", "check_shard"]
+__all__ = [
+    "AugmentSpec",
+    "Batch",
+    "EpochPlan",
+    "InMemoryLoader",
+    "check_shard",
+    "derive_seed",
+    "epoch_generator",
+    "plan_epoch",
+    "shard_order",
+    "shard_size",
+]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -104,6 +120,69 @@ class AugmentSpec:
     flip: bool = True
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """Everything random about one epoch of one rank, decided up front on the CPU.
+
+    Attributes:
+        order: int64 (num_yielded,) dataset positions in the order they are yielded (this rank's
+            shard, already cut to the last yielded sample when ``drop_last``).
+        batch_size: samples per batch; the last batch may be smaller (never empty).
+        crops: ``(off_y, off_x, do_flip)`` of every yielded sample, aligned with ``order``, as drawn
+            by :func:`~ickd.data.augment.draw_crop_flip`; None without augmentation.
+    """
+
+    order: torch.Tensor
+    batch_size: int
+    crops: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+    def batch_bounds(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` into ``order``/``crops`` of every batch, in yield order."""
+        n, b = int(self.order.shape[0]), self.batch_size
+        return [(start, min(start + b, n)) for start in range(0, n, b)]
+
+
+def plan_epoch(
+    n: int,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int,
+    shuffle: bool,
+    drop_last: bool,
+    augment: AugmentSpec | None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EpochPlan:
+    """The order and augmentation draws of ``epoch`` for an ``n``-sample split (module docstring).
+
+    Crop/flip parameters are drawn batch by batch, in yield order, from the (seed, epoch, rank)
+    augmentation stream: exactly the calls a per-batch ``random_crop_flip`` loop makes, so the
+    result does not depend on whether a loader draws per batch or per epoch.
+    """
+    if shuffle:
+        order = torch.randperm(n, generator=epoch_generator(seed, epoch, STREAM_ORDER))
+    else:
+        order = torch.arange(n)
+    order = shard_order(order, rank, world_size, even=shuffle)
+    count = int(order.shape[0])
+    if drop_last:
+        order = order[: (count // batch_size) * batch_size]
+    plan = EpochPlan(order=order, batch_size=batch_size, crops=None)
+    if augment is None:
+        return plan
+    # Every rank shares the order; the augmentation stream is per rank so ranks do not repeat
+    # each other's crops.
+    shard = () if world_size == 1 else (rank, world_size)
+    gen = epoch_generator(seed, epoch, STREAM_AUGMENT, *shard)
+    draws = [draw_crop_flip(stop - start, augment.padding, gen) for start, stop in plan.batch_bounds()]
+    if draws:
+        crops = tuple(torch.cat(parts) for parts in zip(*draws))
+    else:  # drop_last with fewer samples than one batch: an empty epoch
+        crops = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool))
+    return EpochPlan(order=order, batch_size=batch_size, crops=crops)  # type: ignore[arg-type]
+
+
 class InMemoryLoader:
     """Batches an in-memory uint8 image tensor; augmentation and normalisation run on whole batches.
 
@@ -153,7 +232,7 @@ class InMemoryLoader:
         self.out_channels = out_channels or c
         if self.out_channels != c and c != 1:
             raise ValueError(f"can only replicate 1 channel to {self.out_channels}, data has {c}")
-        self._scale, self._shift = normalize_constants(mean, std, self.device)
+        self._mean, self._std = normalize_constants(mean, std, self.device)
 
     @property
     def num_samples(self) -> int:
@@ -168,31 +247,44 @@ class InMemoryLoader:
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
+    def plan(self, epoch: int) -> EpochPlan:
+        """The CPU plan of ``epoch`` (what an iteration after ``set_epoch(epoch)`` yields)."""
+        return plan_epoch(
+            int(self.images.shape[0]), self.batch_size, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
+            drop_last=self.drop_last, augment=self.augment, rank=self.rank, world_size=self.world_size,
+        )
+
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         self.epoch = epoch + 1  # see module docstring: auto-advance unless set_epoch is called
-        n = int(self.images.shape[0])
-        if self.shuffle:
-            order = torch.randperm(n, generator=epoch_generator(self.seed, epoch, STREAM_ORDER))
-        else:
-            order = torch.arange(n)
-        # Every rank shares the order; the augmentation stream is per rank so ranks do not repeat
-        # each other's crops (the batch augmentation draws in batch order).
-        shard = () if self.world_size == 1 else (self.rank, self.world_size)
-        order = shard_order(order, self.rank, self.world_size, even=self.shuffle)
-        aug_gen = epoch_generator(self.seed, epoch, STREAM_AUGMENT, *shard) if self.augment else None
-        return self._batches(order.to(self.device), aug_gen)
+        plan = self.plan(epoch)
+        # The whole epoch's order and crop/flip parameters go to the device in ONE copy, here, and
+        # batches only slice them. On CUDA a copy from pageable host memory synchronises the
+        # stream, so a per-batch copy would stall the asynchronous (or graph-captured) train step
+        # every iteration; once per epoch costs nothing.
+        rows = [plan.order]
+        if plan.crops is not None:
+            off_y, off_x, do_flip = plan.crops
+            rows += [off_y, off_x, do_flip.to(torch.int64)]
+        on_device = torch.stack(rows).to(self.device)
+        order = on_device[0]
+        crops = (on_device[1], on_device[2], on_device[3] != 0) if plan.crops is not None else None
+        return self._batches(order, crops, plan.batch_bounds())
 
-    def _batches(self, order: torch.Tensor, aug_gen: torch.Generator | None) -> Iterator[Batch]:
-        n, b = self.num_samples, self.batch_size
-        stop = (n // b) * b if self.drop_last else n
-        for start in range(0, stop, b):
-            idx = order[start : start + b]
+    def _batches(
+        self,
+        order: torch.Tensor,
+        crops: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        bounds: list[tuple[int, int]],
+    ) -> Iterator[Batch]:
+        for start, stop in bounds:
+            idx = order[start:stop]
             xb = self.images.index_select(0, idx)
-            if aug_gen is not None:
+            if crops is not None:
                 assert self.augment is not None
-                xb = random_crop_flip(xb, self.augment.padding, self.augment.flip, aug_gen)
-            x = normalize(xb, self._scale, self._shift)
+                off_y, off_x, do_flip = (t[start:stop] for t in crops)
+                xb = crop_flip(xb, self.augment.padding, self.augment.flip, off_y, off_x, do_flip)
+            x = normalize(xb, self._mean, self._std)
             if self.out_channels != x.shape[1]:
                 x = x.expand(-1, self.out_channels, -1, -1).contiguous()
             yield x, self.labels.index_select(0, idx), idx

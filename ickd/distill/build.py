@@ -55,9 +55,13 @@ def build_teacher(cfg: Mapping[str, Any], num_classes: int, in_channels: int) ->
 
 def build_bank(cfg: Mapping[str, Any], num_samples: int, feature_dim: int, num_classes: int, device: torch.device, seed: int) -> MemoryBank:
     mem = cfg["memory"]
-    dtype_name = str(mem.get("feature_dtype", "float32"))
+    dtype_name = str(mem.get("feature_dtype", "auto"))
+    if dtype_name == "auto":
+        # fp16 halves the bytes the similarity matmul reads on the GPU (accumulation stays fp32 in
+        # cuBLAS); on CPU a half matmul is slower than fp32, so the bank stays fp32 there.
+        dtype_name = "float16" if torch.device(device).type == "cuda" else "float32"
     if dtype_name not in FEATURE_DTYPES:
-        raise ConfigError(f"memory.feature_dtype={dtype_name!r} is not one of {sorted(FEATURE_DTYPES)}")
+        raise ConfigError(f"memory.feature_dtype={dtype_name!r} is not one of {sorted(FEATURE_DTYPES)} or auto")
     retriever_kwargs = {k: mem[k] for k in ("nlist", "nprobe", "use_gpu") if mem.get(k) is not None}
     bank = MemoryBank(
         num_samples=num_samples,

@@ -62,6 +62,10 @@ class LossMethod:
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def step_signature(self, epoch: int) -> Any:
+        """Every Python value ``__call__`` derives from ``epoch`` (a captured step bakes them in)."""
+        return None
+
 
 @METHODS.register("ce")
 class CrossEntropy(LossMethod):
@@ -92,6 +96,9 @@ class DKD(LossMethod):
         factor = ramp(epoch, float(c.get("warmup_epochs", 0)))
         loss = dkd_loss(student_logits, teacher_logits, labels, float(c["alpha"]), float(c["beta"]), float(c["temperature"]))
         return {"ce": float(c["ce_weight"]) * F.cross_entropy(student_logits, labels), "dkd": factor * loss}
+
+    def step_signature(self, epoch):
+        return ramp(epoch, float(self.cfg.get("warmup_epochs", 0)))
 
 
 @METHODS.register("ickd")
@@ -135,6 +142,9 @@ class ICKD(LossMethod):
                 weighting=str(c["nicd_weighting"]),
             )
         return losses
+
+    def step_signature(self, epoch):
+        return ramp(epoch, float(self.cfg.get("warmup_epochs", 0)))
 
 
 def create_method(cfg: Mapping[str, Any]) -> LossMethod:

@@ -69,6 +69,24 @@ class Distiller(nn.Module):
     def after_step(self) -> None:
         """Called after each optimiser step (EMA updates)."""
 
+    # --- what a captured (CUDA graph) step needs to know ----------------------------------------
+    def _fills_online(self, epoch: int) -> bool:
+        return bool(self.banks) and epoch == 0 and self.bank_fill_source() is None
+
+    def step_signature(self, epoch: int) -> Any:
+        """The Python values ``forward_train`` derives from ``epoch``; a change means a new capture."""
+        return (self.method.step_signature(epoch), self._fills_online(epoch))
+
+    def capture_blocker(self, epoch: int) -> str | None:
+        """Why this epoch's step cannot be captured in a CUDA graph right now (None: it can)."""
+        if self._fills_online(epoch):
+            return "the memory bank is filled online during the first epoch (range checks sync)"
+        for name, bank in self.banks.items():
+            reason = bank.capture_blocker()
+            if reason:
+                return f"memory bank {name!r}: {reason}"
+        return None
+
     def eval_models(self) -> dict[str, nn.Module]:
         """Models evaluated each epoch; the first is the run's reported model."""
         return {"student": self.student}

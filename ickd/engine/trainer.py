@@ -25,6 +25,7 @@ from ickd.engine.callbacks import Callback, CallbackList, MetricsFile, RunInfo
 from ickd.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from ickd.engine.distributed import DistEnv
 from ickd.engine.optim import build_optimizer, build_scheduler
+from ickd.engine.step import CudaGraphStep, EpochMeters, StepResult
 from ickd.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class TrainerConfig:
     max_batches_per_epoch: int | None = None
     eval_every: int = 1
     threads: int | None = None
-    nonfinite_check_every: int = 1  # batches between NaN/inf checks (each check syncs the device)
+    nonfinite_check_every: int | None = None  # batches between NaN/inf checks (each syncs the device); None: 1 on CPU, 50 on CUDA
     pipeline: str = "auto"          # auto (the dataset's default) | device | classic
     step: str = "auto"              # auto (graph on CUDA when the step allows it) | eager | graph
 
@@ -69,7 +70,14 @@ class TrainerConfig:
         tc = cls(**{k: v for k, v in cfg.items()})
         if tc.epochs <= 0 or tc.batch_size <= 0:
             raise ConfigError(f"trainer.epochs={tc.epochs} and trainer.batch_size={tc.batch_size} must be > 0")
+        if tc.step not in STEP_MODES:
+            raise ConfigError(f"trainer.step={tc.step!r} is not valid; use one of: {', '.join(STEP_MODES)}")
+        if tc.nonfinite_check_every is not None and int(tc.nonfinite_check_every) < 1:
+            raise ConfigError(f"trainer.nonfinite_check_every={tc.nonfinite_check_every} must be >= 1 or null (auto)")
         return tc
+
+
+STEP_MODES = ("auto", "eager", "graph")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,7 +159,7 @@ class Trainer:
         self.run_info = RunInfo(self.out_dir, run_name, stage, run_config or {}, total_epochs=trainer_cfg.epochs)
         # Only rank 0 writes metrics and runs callbacks; its decisions are broadcast (_agree).
         self.callbacks = CallbackList([MetricsFile(self.out_dir / "metrics.jsonl"), *(callbacks or [])] if self.dist.is_main else [])
-        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim_cfg)
+        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim_cfg, fused=self.device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, trainer_cfg.epochs)
         cuda = self.device.type == "cuda"
         amp = trainer_cfg.amp if trainer_cfg.amp != "auto" else ("bf16" if cuda else "off")
@@ -181,33 +189,77 @@ class Trainer:
         # Interrupt polls cost a collective per batch with several ranks: skip them when no callback
         # of rank 0 can ask (rank 0's answer is shared once, here).
         self._interruptible = self._agree(any(type(cb).interrupt_requested is not Callback.interrupt_requested for cb in self.callbacks.callbacks))
+        self.step_mode = self._resolve_step_mode()
+        self.check_every = int(trainer_cfg.nonfinite_check_every or (50 if cuda else 1))
+        self.meters = EpochMeters(self.device)
+        self._graph: CudaGraphStep | None = None
+        if self.step_mode == "graph":
+            self._graph = CudaGraphStep(self._step_body, self._finish_step, self.train_step, self._zero_grad, batch)
         self.pipeline = data.check_pipeline(trainer_cfg.pipeline)
         self._loader_kw = {"device": self.device, "num_workers": trainer_cfg.num_workers, "pipeline": self.pipeline, **self._shard}
         self.train_loader = data.train_loader(batch, shuffle=True, augment=True, seed=seed, **self._loader_kw)
         self.val_loader = data.val_loader(self._eval_batch, **self._loader_kw)
 
     # --- one step ----------------------------------------------------------------------------
+    def _resolve_step_mode(self) -> str:
+        mode = self.cfg.step
+        cuda = self.device.type == "cuda"
+        if mode == "graph" and not cuda:
+            raise ConfigError(f"trainer.step=graph needs a CUDA device (this run uses {self.device}); use trainer.step=auto or eager")
+        if mode == "graph" and self.dist.world_size > 1:
+            raise ConfigError("trainer.step=graph does not support multi-process (DDP) training yet; use trainer.step=auto or eager")
+        if mode == "auto":
+            mode = "graph" if cuda and self.dist.world_size == 1 else "eager"
+        log.info("training step: %s", mode)
+        return mode
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # Graph capture needs the cast weights recomputed in every replay, not cached from capture time.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=self._graph is None)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        """Forward, backward and update on one batch; returns detached (total, losses, stats, logits).
+    def _zero_grad(self, set_to_none: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
-        Kept as one function with no host syncs so a later fast path can capture it whole.
-        """
+    def _step_body(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, meters: bool = True) -> StepResult:
+        """Forward, backward and (by default) the epoch meters of one batch; no optimiser step and no
+        host synchronisation, so a CUDA graph can capture it whole."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             forward = self.distiller.forward_train if self._ddp is None else self._ddp
             out = forward(x, y, idx, epoch)
         total = sum(v.float() for v in out.losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        result = total.detach(), {k: v.detach() for k, v in out.losses.items()}, out.stats, out.logits.detach()
+        if meters:
+            self.meters.add(*result, y)
+        return result
+
+    def _finish_step(self) -> None:
         self.optimizer.step()
         self.distiller.after_step()
-        return total.detach(), {k: v.detach() for k, v in out.losses.items()}, out.stats, out.logits.detach()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> StepResult:
+        """One eager step (forward, backward, update); returns detached (total, losses, stats, logits).
+        The epoch loop adds the result to the meters."""
+        # A live CUDA graph owns the gradient tensors: zero them in place rather than dropping them.
+        self._zero_grad(set_to_none=self._graph is None or not self._graph.holds_grads)
+        result = self._step_body(x, y, idx, epoch, meters=False)
+        self._finish_step()
+        return result
+
+    def _run_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> StepResult:
+        if self._graph is not None:
+            result, counted = self._graph(
+                x, y, idx, epoch, self.distiller.step_signature(epoch), self.distiller.capture_blocker(epoch)
+            )
+        else:
+            result, counted = self.train_step(x, y, idx, epoch), False
+        if not counted:
+            self.meters.add(*result, y)
+        return result
 
     # --- loops -------------------------------------------------------------------------------
     def _progress(self, iterable, total: int, desc: str):
@@ -226,8 +278,7 @@ class Trainer:
         limit = self.cfg.max_batches_per_epoch
         n_batches = len(self.train_loader) if limit is None else min(limit, len(self.train_loader))
         first = int(partial["step"]) if partial else 0
-        sums: dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.device) for k, v in (partial or {}).get("sums", {}).items()}
-        correct = torch.tensor(float(partial["correct"]) if partial else 0.0, device=self.device)
+        self.meters.reset(partial)
         seen = int(partial["seen"]) if partial else 0
         done = first
         start = time.perf_counter() - (float(partial["elapsed_s"]) if partial else 0.0)
@@ -236,23 +287,20 @@ class Trainer:
         batches = itertools.islice(iter(self.train_loader), first, n_batches)
         bar = self._progress(batches, n_batches - first, f"epoch {epoch + 1}/{self.cfg.epochs}")
         for step, (x, y, idx) in enumerate(bar, start=first):
-            total, losses, stats, logits = self.train_step(x, y, idx, epoch)
-            values = {"loss": total, **losses, **stats}
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0) + value.float()
-            correct += (logits.argmax(dim=1) == y).sum()
+            total, losses, stats, logits = self._run_step(x, y, idx, epoch)
             seen += y.shape[0]
-            if (step + 1) % self.cfg.nonfinite_check_every == 0 or step + 1 == n_batches:
-                self._check_finite(losses, epoch, step)
+            if (step + 1) % self.check_every == 0 or step + 1 == n_batches:
+                self._check_finite(epoch)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{total.item():.3f}")
             done = step + 1
             if self._interrupt_requested():
-                self._check_finite(losses, epoch, step)
+                self._check_finite(epoch)
                 raise _Interrupted({
-                    "epoch": epoch, "step": done, "sums": {k: v.item() for k, v in sums.items()},
-                    "correct": correct.item(), "seen": seen, "elapsed_s": time.perf_counter() - start,
+                    "epoch": epoch, "step": done, "sums": {k: v.item() for k, v in self.meters.sums.items()},
+                    "correct": self.meters.correct.item(), "seen": seen, "elapsed_s": time.perf_counter() - start,
                 })
+        sums, correct = self.meters.sums, self.meters.correct
         if self.dist.world_size > 1:
             sums, correct, seen = self._reduce_epoch(sums, correct, seen)
         elapsed = time.perf_counter() - start
@@ -281,13 +329,15 @@ class Trainer:
         world = self.dist.world_size
         return {k: packed[i] / world for i, k in enumerate(keys)}, packed[-2], int(packed[-1].item())
 
-    def _check_finite(self, losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-        if self.dist.world_size > 1 and distributed.any_rank(bool(bad)) and not bad:
+    def _check_finite(self, epoch: int) -> None:
+        found = self.meters.nonfinite()
+        step, bad = found if found else (-1, [])
+        if self.dist.world_size > 1 and distributed.any_rank(bool(found)) and not found:
             bad = [f"(on another rank than rank {self.dist.rank})"]  # every rank stops together
         if bad:
+            where = f", batch {step + 1}" if step >= 0 else ""
             raise NonFiniteLossError(
-                f"loss component(s) {bad} became NaN/inf at epoch {epoch + 1}, batch {step + 1}; the run stopped and "
+                f"loss component(s) {bad} became NaN/inf at epoch {epoch + 1}{where}; the run stopped and "
                 f"its last good checkpoint is kept in {self.ckpt_dir}. Lower optim.lr, the loss weights or the "
                 "temperature, or turn trainer.amp=off, then resume or restart."
             )

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ickd.errors import CheckpointError, ConfigError
-from ickd.memory.retrieval import Retriever, SearchFilter, create_retriever
+from ickd.memory.retrieval import Retriever, SearchFilter, create_retriever, resolve_backend
 
 __all__ = ["MemoryBank", "Neighbours", "SUBSETS", "UPDATES", "SPLITS"]
 
@@ -97,6 +97,8 @@ class _Timer:
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def start(self, device: torch.device) -> Any:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # timing events cannot be recorded into a CUDA graph; replays go untimed
         if device.type == "cuda":
             begin = torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -104,6 +106,8 @@ class _Timer:
         return time.perf_counter()
 
     def stop(self, device: torch.device, token: Any) -> None:
+        if token is None:
+            return
         if device.type == "cuda":
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -214,9 +218,13 @@ class MemoryBank:
         self.fifo_count = 0
         self._all_valid = False
 
-        self.retriever_name = retriever
-        self.retriever_kwargs = dict(retriever_kwargs or {})
-        self.retriever: Retriever = create_retriever(retriever, **self.retriever_kwargs)
+        # memory.backend=auto becomes a concrete backend here (it depends on M, D and the device);
+        # backend_requested keeps what was asked for, backend_reason why this one runs.
+        self.backend_requested = retriever
+        self.retriever_name, self.retriever_kwargs, self.backend_reason = resolve_backend(
+            retriever, m, d, self.device, retriever_kwargs
+        )
+        self.retriever: Retriever = create_retriever(self.retriever_name, **self.retriever_kwargs)
         self.retriever.bind(m, d, self.device)
         self._timer = _Timer()
 
@@ -236,6 +244,20 @@ class MemoryBank:
         tensors = [self.feats, self.logits, self.labels, self.sample_idx, self.subset_indices, self.slot_of]
         own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return own + self.retriever.nbytes
+
+    def capture_blocker(self) -> str | None:
+        """Why a CUDA graph cannot hold this bank's retrieval and writes yet (None: it can).
+
+        A graph replays fixed kernels on fixed addresses, so the step must not branch on device
+        values or keep Python-side positions: only an exact torch search over a full bank whose slot
+        is the sample index (M = N) qualifies."""
+        if self.retriever.name != "torch":
+            return f"backend {self.retriever.name!r} searches through the host; use memory.backend=torch"
+        if self.mode != "direct":
+            return f"a {self.mode} bank (memory.size < N) tracks its slots on the host"
+        if not self._all_valid:
+            return "the bank is not full yet"
+        return None
 
     def stats(self) -> dict[str, float | int]:
         """entries, bytes, mean retrieval wall time in ms (0.0 before any retrieval), retrievals."""

@@ -4,6 +4,10 @@ faiss indexes cannot filter by sample index or label, so both backends over-fetc
 post-filter them (:func:`ickd.memory.retrieval.filtered_search`), growing the candidate count (and,
 for IVF, nprobe) for rows that come up short.
 
+Brute-force searches (``faiss_flat``, IVF's coarse quantizer) run inside :func:`blas_search`, which
+makes faiss use BLAS from 20 queries on: faiss 1.15's own switch keeps a much slower kernel for
+every training-size batch (see ``_BLAS_MIN_QUERIES``).
+
 Host copy: faiss-cpu reads float32 numpy arrays. A CPU float32 bank is read in place (zero copy);
 any other bank (CUDA, float16) is mirrored in a float32 host array whose changed rows are copied
 at the next search.
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -41,6 +46,30 @@ __all__ = [
 ]
 
 _GPU_MAX_K = 2048  # faiss GPU k-selection supports k <= 2048
+# Queries per call from which brute-force search (faiss.knn, IVF's coarse quantizer) goes through BLAS.
+# faiss 1.15 keeps its non-BLAS kernel while queries * D < 128,000 (e.g. below 500 queries at
+# D = 256): with it bench/retrieval.py measured faiss_flat 7.6-8.7x slower than with BLAS on a 2-core
+# CPU (477 vs 55 ms at 50,000 x 256 and 256 queries); in a direct faiss.knn test BLAS was as fast or
+# faster from 1 query on.
+_BLAS_MIN_QUERIES = 20
+
+
+@contextmanager
+def blas_search(faiss: Any, dim: int) -> Iterator[None]:
+    """Within the block, faiss brute-force search uses BLAS from ``_BLAS_MIN_QUERIES`` queries on.
+
+    faiss's switch is a process-wide variable whose meaning changed between versions (queries, or
+    queries * D); it is lowered only while our own search runs and restored after."""
+    cvar = getattr(faiss, "cvar", None)
+    if cvar is None or not hasattr(cvar, "distance_compute_blas_threshold"):
+        yield
+        return
+    old = cvar.distance_compute_blas_threshold
+    cvar.distance_compute_blas_threshold = min(old, _BLAS_MIN_QUERIES * dim)
+    try:
+        yield
+    finally:
+        cvar.distance_compute_blas_threshold = old
 
 
 def default_nlist(size: int) -> int:
@@ -149,7 +178,8 @@ class _FaissBase(Retriever):
             if self.on_gpu and n <= _GPU_MAX_K:
                 D, I = self.faiss.knn_gpu(self.gpu_resources(), qn, base, n, metric=metric, device=self.gpu_device)
             else:
-                D, I = self.faiss.knn(qn, base, n, metric=metric)
+                with blas_search(self.faiss, self.dim):
+                    D, I = self.faiss.knn(qn, base, n, metric=metric)
             if id_map is not None:
                 I = np.where(I >= 0, id_map[np.maximum(I, 0)], -1)
             return torch.from_numpy(np.asarray(D, dtype=np.float32)), torch.from_numpy(np.asarray(I, dtype=np.int64))
@@ -313,7 +343,8 @@ class FaissIVFRetriever(_FaissBase):
                 self.faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, "nprobe", effort)
                 D, I = self._gpu_index.search(qn, n)
             else:
-                D, I = index.search(qn, n, params=self.faiss.SearchParametersIVF(nprobe=effort))
+                with blas_search(self.faiss, self.dim):  # the coarse quantizer's search
+                    D, I = index.search(qn, n, params=self.faiss.SearchParametersIVF(nprobe=effort))
             return torch.from_numpy(np.asarray(D, dtype=np.float32)), torch.from_numpy(np.asarray(I, dtype=np.int64))
 
         return filtered_search(

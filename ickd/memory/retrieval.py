@@ -19,6 +19,8 @@ vectors (= cosine similarity) among eligible slots.
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -29,12 +31,18 @@ from ickd.errors import ConfigError, UnknownNameError
 from ickd.registry import Registry
 
 __all__ = [
+    "AUTO_BACKEND",
+    "BackendChoice",
     "RETRIEVERS",
     "Retriever",
     "SearchFilter",
     "TorchExactRetriever",
+    "choose_backend",
     "create_retriever",
+    "resolve_backend",
 ]
+
+log = logging.getLogger("ickd.memory")
 
 RETRIEVERS: Registry[type["Retriever"]] = Registry("retriever")
 
@@ -257,12 +265,17 @@ def create_retriever(name: str, **kwargs: Any) -> Retriever:
 
     Unknown names and options raise ConfigError naming ``memory.backend`` and the valid choices.
     """
+    if name == AUTO_BACKEND:
+        raise ConfigError(
+            "memory.backend=auto is resolved from the bank's size and device, which create_retriever "
+            "does not know; build a MemoryBank (it resolves auto), or call resolve_backend(...) first"
+        )
     try:
         cls = RETRIEVERS.get(name)
     except UnknownNameError:
         raise UnknownNameError(
             f"memory.backend={name!r} is not a retrieval backend; "
-            f"set memory.backend to one of: {', '.join(RETRIEVERS.names())}"
+            f"set memory.backend to one of: {', '.join(RETRIEVERS.names())}, {AUTO_BACKEND}"
         ) from None
     # None means "default" (Hydra configs carry e.g. memory.nlist: null for every backend).
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
@@ -274,3 +287,140 @@ def create_retriever(name: str, **kwargs: Any) -> Retriever:
             f"accepted options: {accepted} (drop the others, e.g. memory.nlist only applies to faiss_ivf)"
         )
     return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------- memory.backend=auto
+AUTO_BACKEND = "auto"
+
+#: CPU banks with M * D at or above this search with faiss_flat, smaller ones with torch (both
+#: exact). Measured with bench/retrieval.py; see :func:`choose_backend`.
+CPU_FLAT_MIN_WORK = 2**20
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What ``memory.backend=auto`` picked for a bank, and why (shown in the log and on the bank)."""
+
+    name: str
+    exact: bool
+    reason: str
+
+
+def _faiss_installed() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def choose_backend(
+    size: int, dim: int, device: torch.device | str, faiss_available: bool | None = None
+) -> BackendChoice:
+    """The backend ``memory.backend=auto`` uses for a bank of ``size`` (M) x ``dim`` (D) on ``device``.
+
+    A pure function of (M, D, device type) and whether faiss is installed; nothing is allocated.
+
+    Rule:
+
+    * CUDA: ``torch``, always. One fp16 matmul + top-k over the bank is the fastest exact search
+      at 50,000 to 1,281,167 entries (performance-anchors.md: 0.14 ms for 50,000 x 256 and 64
+      queries, 5.8 ms for 1,281,167 x 512 and 256 queries, on an H200; published issue threads
+      report faiss's GPU brute force slower at these sizes) and it never waits for the host, so it can run inside a CUDA graph.
+    * Other non-CPU devices: ``torch``, the only backend that searches there.
+    * CPU, M * D < ``CPU_FLAT_MIN_WORK`` (2**20 = 1,048,576): ``torch``.
+    * CPU, M * D >= 2**20: ``faiss_flat`` (exact; BLAS brute force), or ``torch`` without faiss.
+    * ``faiss_ivf`` is never chosen: at its defaults it was at most 12% faster than ``faiss_flat``
+      (20,000 x 256; slower once its k-means re-training is counted) and slower at every larger
+      size measured, while approximate. Choose it explicitly, with a small ``memory.nprobe``, to
+      trade recall for speed (numbers below).
+
+    Measurements (bench/retrieval.py through ``MemoryBank.retrieve``, top-16, self-exclusion, one
+    batch written back before each retrieval; AMD EPYC, 2 cores, torch 2.14.1 and faiss 1.15.1 with
+    2 threads each, load average 0.9-2.0 with the benchmark's own threads; ms per query batch,
+    median):
+
+    ====================  =======  =====  ==========  ==========================================
+    bank M x D            queries  torch  faiss_flat  faiss_ivf (nlist ~ 4 sqrt(M), nprobe = /8)
+    ====================  =======  =====  ==========  ==========================================
+    1,000 x 64            64       0.75   0.98
+    2,000 x 64            64       0.78   1.15
+    5,000 x 128           64       1.89   2.04
+    10,000 x 128          64       4.03   3.25
+    20,000 x 256          64       14.3   9.1         8.1, recall@16 0.831; 1st call 0.5 s
+    50,000 x 256          64       30.9   19.5        21.0, recall@16 0.875; 1st call 2.2 s
+    50,000 x 256          512      181.7  103.2       153.1, recall@16 0.878
+    100,000 x 128         256      125.9  65.2        83.4, recall@16 0.901; 1st call 3.6 s
+    200,000 x 128         256      248.2  125.3       164.0, recall@16 0.919; 1st call 10.4 s
+    200,000 x 512         256      668.9  343.1       569.2, recall@16 0.927; 1st call 29.6 s
+    1,281,167 x 512       256      4255   2255        3629, recall@16 0.970; 1st call 452 s
+    ====================  =======  =====  ==========  ==========================================
+
+    ("1st call": the first retrieval of a fresh bank, which trains the IVF k-means.)
+    The torch/faiss_flat crossover lies between 5,000 x 128 (torch 8% faster) and 10,000 x 128
+    (faiss_flat 24% faster); above it faiss_flat is 1.5-2x faster than torch. faiss_flat owes this
+    to :func:`ickd.memory.faiss_backend.blas_search`: with faiss 1.15's own switch it used a
+    non-BLAS kernel below 500 queries at D = 256 and was 3.8-4.8x *slower* than torch at 64-256
+    queries from 20,000 x 256 to 200,000 x 512.
+
+    IVF scans nprobe / nlist = 1/8 of the bank without BLAS, which cost about as much as the exact
+    BLAS search over all of it, mostly more (table), plus a k-means re-training every M writes
+    (``retrain_every``, about once an epoch). Its speed comes only from a smaller nprobe, paid in
+    recall: with 256 queries, nprobe = 8 took 12.9 ms at 50,000 x 256 (recall@16 0.679) and 15.4 ms
+    at 200,000 x 128 (0.554); nprobe = 28 took 24.9 ms (0.763) and 28.4 ms (0.746), against
+    54.9 and 119.0 ms for faiss_flat in a run minutes earlier. Recall depends on the data: these
+    features are synthetic class clusters where about 70% of the exact top-16 share the query's
+    label at 50,000 x 256 (more at larger M).
+    """
+    dev = torch.device(device)
+    if faiss_available is None:
+        faiss_available = _faiss_installed()
+    work = size * dim
+    if dev.type == "cuda":
+        return BackendChoice(
+            "torch", True,
+            "on CUDA one matmul + top-k over the bank is the fastest exact search from 50,000 to "
+            "1,281,167 entries (performance-anchors.md) and never waits for the host",
+        )
+    if dev.type != "cpu":
+        return BackendChoice("torch", True, f"torch is the only backend that searches on a {dev.type} device")
+    if work < CPU_FLAT_MIN_WORK:
+        return BackendChoice(
+            "torch", True,
+            f"M*D = {work:,} < {CPU_FLAT_MIN_WORK:,}: on the CPU torch's matmul + top-k is the faster "
+            "exact search for small banks (bench/retrieval.py)",
+        )
+    if not faiss_available:
+        return BackendChoice(
+            "torch", True,
+            f"M*D = {work:,} >= {CPU_FLAT_MIN_WORK:,} would use faiss_flat, but faiss is not installed "
+            "(pip install faiss-cpu for 1.5-2x faster exact search on the CPU)",
+        )
+    return BackendChoice(
+        "faiss_flat", True,
+        f"M*D = {work:,} >= {CPU_FLAT_MIN_WORK:,}: on the CPU faiss's BLAS brute force is 1.5-2x faster "
+        "than torch and exact (bench/retrieval.py); faiss_ivf is never chosen automatically",
+    )
+
+
+def resolve_backend(
+    name: str, size: int, dim: int, device: torch.device | str, options: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any], str]:
+    """(backend name, its options, reason) for ``memory.backend=name`` on a bank of ``size`` x ``dim``.
+
+    Explicit names pass through unchanged (``create_retriever`` validates them and their options).
+    ``auto`` runs :func:`choose_backend`, logs the choice once on the ``ickd.memory`` logger, and
+    drops options the chosen backend does not take (e.g. ``memory.nlist`` when torch is chosen);
+    the log line names them.
+    """
+    options = dict(options or {})
+    if name != AUTO_BACKEND:
+        return name, options, f"memory.backend={name} was set explicitly"
+    choice = choose_backend(size, dim, device)
+    accepted = set(RETRIEVERS.get(choice.name).options)
+    dropped = sorted(key for key, value in options.items() if key not in accepted and value is not None)
+    kept = {key: value for key, value in options.items() if key in accepted}
+    reason = choice.reason
+    if dropped:
+        reason += f" (ignoring option(s) {', '.join(dropped)}, which {choice.name} does not take)"
+    log.info(
+        "memory.backend=auto chose %s (%s) for a %d x %d bank on %s: %s",
+        choice.name, "exact" if choice.exact else "approximate", size, dim, torch.device(device).type, reason,
+    )
+    return choice.name, kept, reason

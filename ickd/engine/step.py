@@ -1,0 +1,194 @@
+"""The per-batch machinery of the fast path: device-side epoch meters and the CUDA-graph step.
+
+At the paper's batch size (64) a CIFAR step is bound by kernel-launch overhead, not arithmetic
+(performance-anchors.md): a captured CUDA graph replays the whole forward, retrieval, IC-KD losses,
+backward, bank write and metric accumulation as one launch. Two rules make that possible:
+
+* Nothing in the captured region talks to the host. Epoch metrics and the NaN/inf watch therefore
+  live in device tensors (:class:`EpochMeters`) that the step updates in place; the host reads them
+  only every ``nonfinite_check_every`` batches and at the end of the epoch.
+* Python values baked into a graph must not change under it. The distiller names everything
+  epoch-dependent it uses (loss ramps, fill-vs-update of online banks) in ``step_signature(epoch)``;
+  a new signature or batch shape means a fresh capture. Steps a graph cannot hold (a bank still
+  filling, a backend that searches on the host, a short last batch) run eagerly, on the same
+  parameters and the same gradient tensors.
+
+The optimiser step stays outside the graph: it is a couple of fused multi-tensor kernels, and keeping
+it eager lets the learning-rate schedule change without recapturing.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Hashable, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+StepResult = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]
+
+#: Eager steps on a side stream before a capture (lazy initialisation, cuDNN autotuning and
+#: AccumulateGrad's first-call allocations must happen before, not during, capture).
+WARMUP_STEPS = 3
+
+
+class EpochMeters:
+    """Sums of the step's losses and statistics, top-1 hits, and the first non-finite batch, kept
+    on the device and updated in place (so a captured step can update them)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros((), device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)  # batch index in the epoch
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite batch
+        self.loss_names: list[str] = []
+        self.bad_components = torch.zeros(0, dtype=torch.bool, device=device)
+
+    def reset(self, partial: Mapping[str, Any] | None = None) -> None:
+        """Start an epoch (in place: captured graphs keep pointing at these tensors)."""
+        for value in self.sums.values():
+            value.zero_()
+        for key, value in (partial or {}).get("sums", {}).items():
+            self._sum(key).fill_(float(value))
+        self.correct.fill_(float(partial["correct"]) if partial else 0.0)
+        self.step.fill_(int(partial["step"]) if partial else 0)
+        self.first_bad.fill_(-1)
+        self.bad_components.zero_()
+
+    def _capturing(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+    def _sum(self, key: str) -> torch.Tensor:
+        if key not in self.sums:
+            if self._capturing():  # a fill inside the graph would rerun every replay
+                raise RuntimeError(f"meter {key!r} first appeared during CUDA-graph capture; run an eager step first")
+            self.sums[key] = torch.zeros((), device=self.device)
+        return self.sums[key]
+
+    def add(self, total: torch.Tensor, losses: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor],
+            logits: torch.Tensor, labels: torch.Tensor) -> None:
+        for key, value in {"loss": total, **losses, **stats}.items():
+            self._sum(key).add_(value.detach().float())
+        self.correct.add_((logits.argmax(dim=1) == labels).sum())
+        names = list(losses)
+        if names != self.loss_names:
+            if self._capturing():
+                raise RuntimeError("the loss components changed during CUDA-graph capture")
+            self.loss_names = names
+            self.bad_components = torch.zeros(len(names), dtype=torch.bool, device=self.device)
+        bad = torch.stack([~torch.isfinite(v.detach().float()).all() for v in losses.values()]) if names else self.bad_components
+        first = (self.first_bad < 0) & bad.any()
+        self.bad_components.copy_(torch.where(first, bad, self.bad_components))
+        self.first_bad.copy_(torch.where(first, self.step, self.first_bad))
+        self.step.add_(1)
+
+    def nonfinite(self) -> tuple[int, list[str]] | None:
+        """(batch index, loss names) of the first non-finite batch of the epoch so far (syncs)."""
+        first = int(self.first_bad.item())
+        if first < 0:
+            return None
+        flags = self.bad_components.tolist()
+        return first, [name for name, flag in zip(self.loss_names, flags) if flag]
+
+
+class CudaGraphStep:
+    """Runs training steps through captured CUDA graphs where it can (see the module docstring).
+
+    ``body(x, y, idx, epoch)`` is the forward + backward + meters update of one batch (no optimiser);
+    ``finish()`` the optimiser step and whatever follows it. ``eager(x, y, idx, epoch)`` is the plain
+    step, used for every batch a graph cannot take. Gradients: a capture starts from ``grad=None`` so
+    the captured backward *writes* each gradient into memory the graph owns; afterwards eager steps
+    zero those tensors in place instead of dropping them, so the graph and the optimiser keep
+    sharing them.
+    """
+
+    def __init__(
+        self,
+        body: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], StepResult],
+        finish: Callable[[], None],
+        eager: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], StepResult],
+        zero_grad: Callable[[bool], None],
+        batch_size: int,
+        warmup_steps: int = WARMUP_STEPS,
+    ) -> None:
+        self.body, self.finish, self.eager, self.zero_grad = body, finish, eager, zero_grad
+        self.batch_size = batch_size
+        self.warmup_steps = warmup_steps
+        self.graph: Any = None
+        self.signature: Hashable = None
+        self.static: tuple[torch.Tensor, ...] = ()
+        self.outputs: StepResult | None = None
+        self.warm = 0
+        self.captures = 0
+        self.replays = 0
+        self.eager_steps = 0
+        self._blocked: str | None = None
+        self._side_stream: Any = None
+
+    @property
+    def holds_grads(self) -> bool:
+        """Whether the parameters' gradient tensors belong to a live graph (never drop them then)."""
+        return self.graph is not None
+
+    def release(self) -> None:
+        self.graph, self.static, self.outputs, self.signature, self.warm = None, (), None, None, 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int,
+                 signature: Hashable, blocker: str | None) -> tuple[StepResult, bool]:
+        """One training step; returns its result and whether the meters were already updated
+        (graph and warm-up steps run ``body``, which updates them; plain eager steps do not)."""
+        if blocker is not None or x.shape[0] != self.batch_size:
+            if blocker is not None and blocker != self._blocked:
+                log.info("CUDA graph step paused: %s; running eagerly", blocker)
+            self._blocked = blocker
+            self.eager_steps += 1
+            return self.eager(x, y, idx, epoch), False
+        self._blocked = None
+        key = (signature, tuple(x.shape), tuple(y.shape), tuple(idx.shape))
+        if key != self.signature:
+            if self.graph is not None:
+                log.info("recapturing the CUDA graph step (its constants changed: %s)", signature)
+            self.release()
+            self.signature = key
+        if self.graph is None and self.warm < self.warmup_steps:
+            self.warm += 1
+            self.eager_steps += 1
+            return self._warmup(x, y, idx, epoch), True
+        if self.graph is None:
+            self._capture(x, y, idx, epoch)
+        else:
+            for static, value in zip(self.static, (x, y, idx)):
+                static.copy_(value, non_blocking=True)
+        self.graph.replay()
+        self.replays += 1
+        self.finish()
+        assert self.outputs is not None
+        return self.outputs, True
+
+    # --- CUDA specifics (kept small so the state machine above is testable) -------------------
+    def _warmup(self, x, y, idx, epoch) -> StepResult:
+        current = torch.cuda.current_stream()
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        self._side_stream.wait_stream(current)
+        with torch.cuda.stream(self._side_stream):
+            self.zero_grad(True)
+            out = self.body(x, y, idx, epoch)
+            self.finish()
+        current.wait_stream(self._side_stream)
+        return out
+
+    def _capture(self, x, y, idx, epoch) -> None:
+        self.static = (x.clone(), y.clone(), idx.clone())
+        self.zero_grad(True)  # the captured backward allocates (and then rewrites) the gradients
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: DataLoader pin-memory threads may use CUDA while this thread captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.outputs = self.body(*self.static, epoch)
+        self.graph = graph
+        self.captures += 1
+        log.info("captured the training step in a CUDA graph (batch %d, capture %d)", self.batch_size, self.captures)
+
+    def stats(self) -> dict[str, int]:
+        return {"graph_captures": self.captures, "graph_replays": self.replays, "eager_steps": self.eager_steps}
