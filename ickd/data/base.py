@@ -205,8 +205,8 @@ class TensorBundle(DataBundle):
     Pipelines: ``device`` (default; InMemoryLoader, the data moved to the device once and augmented
     there in whole batches) or ``classic`` (ClassicLoader: DataLoader workers with per-sample
     torchvision PIL transforms; ``num_workers=None`` means ``min(4, CPUs)``). Both yield the same
-    batches for the same seed and epoch: same samples, crops and flips; the normalised values agree
-    to float rounding (about 1e-7), as the two normalise with differently ordered float operations.
+    batches for the same seed and epoch: same samples, crops and flips, and (on CPU) bit-identical
+    normalised values, as both normalise with torchvision's operations.
     """
 
     pipelines = ("device", "classic")
