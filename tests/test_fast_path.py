@@ -160,3 +160,34 @@ def test_meters_find_the_first_nonfinite_batch_without_host_sync_per_step():
     meters.reset({"step": 7, "sums": {"ce": 3.0}, "correct": 5, "seen": 9})
     assert meters.nonfinite() is None and meters.step.item() == 7 and meters.sums["ce"].item() == 3.0
     assert meters.sums["kd"].item() == 0.0 and meters.correct.item() == 5
+
+
+def test_ickd_losses_are_fp32_under_the_trainers_bf16_autocast():
+    """The fast path runs the networks under bf16 autocast; retrieval and every loss must still be
+    computed in fp32 from the (bf16) logits, exactly as outside autocast."""
+    import yaml
+
+    from ickd.distill.methods import create_method
+    from ickd.distill.paradigms import OfflineDistiller, RetrievalSpec
+    from ickd.memory import MemoryBank
+
+    g = torch.Generator().manual_seed(0)
+    n, d, c, b = 400, 32, 10, 48
+    bank = MemoryBank(n, d, c, retriever="torch")
+    labels = torch.randint(0, c, (n,), generator=g)
+    centres = torch.randn(c, d, generator=g)
+    feats = centres[labels] + 0.5 * torch.randn(n, d, generator=g)
+    bank.fill(torch.arange(n), feats, torch.randn(n, c, generator=g) * 3, labels)
+    cfg = yaml.safe_load(open("configs/distill/ickd.yaml"))
+    distiller = OfflineDistiller(torch.nn.Identity(), create_method(cfg), RetrievalSpec(k=16), teacher=None, bank=None)
+    idx = torch.arange(b)
+    logits = (torch.randn(b, c, generator=g) * 3).to(torch.bfloat16)
+    teacher_logits = torch.randn(b, c, generator=g) * 3
+    # Reference: the method on fp32 logits, no autocast anywhere.
+    neighbours = bank.retrieve(feats[idx], 16, labels[idx], exclude_indices=idx)
+    plain = distiller.method(logits.float(), teacher_logits, labels[idx], neighbours, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, _ = distiller.distil(logits, teacher_logits, feats[idx], labels[idx], idx, 1, bank)
+    assert set(plain) == {"ce", "kd", "picd", "nicd"}
+    for key in plain:
+        assert inside[key].dtype == torch.float32 and torch.equal(inside[key], plain[key]), key

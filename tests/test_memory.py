@@ -258,6 +258,16 @@ def test_float16_features_agree_with_float32():
     torch.testing.assert_close(f16.retrieve(q, 5, labels[:10]).sims, n16.sims, atol=1e-5, rtol=0)
 
 
+def test_retrieval_ignores_the_callers_autocast():
+    """The trainer retrieves inside its bf16 autocast; the search must still run in the bank's dtype."""
+    bank, (_, _, _, labels) = filled(n=2000, d=64, c=5, clustered=True)
+    q = torch.randn(64, 64)
+    plain = bank.retrieve(q, 16, labels[:64])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = bank.retrieve(q, 16, labels[:64])
+    assert torch.equal(inside.sims, plain.sims) and torch.equal(inside.sample_indices, plain.sample_indices)
+
+
 # ------------------------------------------------------------------------------------ errors
 def test_config_errors_name_problem_and_fix():
     bank = MemoryBank(100, 8, 3, size=20)

@@ -72,7 +72,7 @@ class CrossEntropy(LossMethod):
     needs_teacher = False
 
     def __call__(self, student_logits, teacher_logits, labels, neighbours, epoch):
-        return {"ce": float(self.cfg.get("ce_weight", 1.0)) * F.cross_entropy(student_logits, labels)}
+        return {"ce": float(self.cfg.get("ce_weight", 1.0)) * F.cross_entropy(student_logits.float(), labels)}
 
 
 @METHODS.register("kd")
@@ -82,7 +82,7 @@ class KD(LossMethod):
     def __call__(self, student_logits, teacher_logits, labels, neighbours, epoch):
         c = self.cfg
         return {
-            "ce": float(c["ce_weight"]) * F.cross_entropy(student_logits, labels),
+            "ce": float(c["ce_weight"]) * F.cross_entropy(student_logits.float(), labels),
             "kd": float(c["kd_weight"]) * kd_loss(student_logits, teacher_logits, float(c["temperature"])),
         }
 
@@ -95,7 +95,7 @@ class DKD(LossMethod):
         c = self.cfg
         factor = ramp(epoch, float(c.get("warmup_epochs", 0)))
         loss = dkd_loss(student_logits, teacher_logits, labels, float(c["alpha"]), float(c["beta"]), float(c["temperature"]))
-        return {"ce": float(c["ce_weight"]) * F.cross_entropy(student_logits, labels), "dkd": factor * loss}
+        return {"ce": float(c["ce_weight"]) * F.cross_entropy(student_logits.float(), labels), "dkd": factor * loss}
 
     def step_signature(self, epoch):
         return ramp(epoch, float(self.cfg.get("warmup_epochs", 0)))
@@ -110,12 +110,12 @@ class ICKD(LossMethod):
     def __call__(self, student_logits, teacher_logits, labels, neighbours, epoch):
         c = self.cfg
         T = float(c["temperature"])
-        losses = {"ce": float(c["ce_weight"]) * F.cross_entropy(student_logits, labels)}
+        losses = {"ce": float(c["ce_weight"]) * F.cross_entropy(student_logits.float(), labels)}
         if float(c["kd_weight"]) > 0:
             losses["kd"] = float(c["kd_weight"]) * kd_loss(student_logits, teacher_logits, T)
         assert neighbours is not None, "IC-KD needs retrieved neighbours"
         factor = ramp(epoch, float(c.get("warmup_epochs", 0)))
-        nb_logits = neighbours.logits.to(student_logits.dtype)
+        nb_logits = neighbours.logits.float()  # fp32 bank logits; never round them to the student's bf16
         target = aggregate_positive_targets(
             nb_logits,
             neighbours.sims,

@@ -109,10 +109,13 @@ class Distiller(nn.Module):
         """The method's losses for one student: retrieve its neighbours from ``bank`` (queried with
         the teacher-side features of the batch, the bank's own feature space) when there is one."""
         nb, stats = None, {}
-        if bank is not None:
-            nb = self.retrieval.retrieve(bank, teacher_feats.float(), y, idx)
-            stats = retrieval_stats(nb, prefix)
-        return self.method(logits, teacher_logits, y, nb, epoch), stats
+        # Losses are computed in fp32 (the networks' forward stays under the trainer's autocast):
+        # the einsum/bmm inside PICD/NICD would otherwise round targets and similarities to bf16.
+        with torch.autocast(logits.device.type, enabled=False):
+            if bank is not None:
+                nb = self.retrieval.retrieve(bank, teacher_feats.float(), y, idx)
+                stats = retrieval_stats(nb, prefix)
+            return self.method(logits, teacher_logits, y, nb, epoch), stats
 
     def write_bank(self, bank: MemoryBank, epoch: int, idx, feats, logits, labels) -> None:
         """Store the batch's outputs: ``fill`` while an online-filled bank is still being built

@@ -456,7 +456,10 @@ class MemoryBank:
                 query_labels=ql,
                 same_label=same,
             )
-            return self.retriever.search(q, self.feats, valid, count, flt)
+            # The bank's storage dtype decides the matmul precision, not the caller's autocast: a
+            # bf16 autocast would round the similarities to 8 bits and reorder near neighbours.
+            with torch.autocast(dev.type, enabled=False):
+                return self.retriever.search(q, self.feats, valid, count, flt)
 
         if split == "topk":
             sims, slots = search(k, None)
