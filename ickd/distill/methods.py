@@ -62,9 +62,13 @@ class LossMethod:
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def warmup_factor(self, epoch: int) -> float:
+        """The linear warm-up of the method's distillation terms (``distill.warmup_epochs``; 1 without)."""
+        return ramp(epoch, float(self.cfg.get("warmup_epochs", 0)))
+
     def step_signature(self, epoch: int) -> Any:
         """Every Python value ``__call__`` derives from ``epoch`` (a captured step bakes them in)."""
-        return None
+        return self.warmup_factor(epoch)
 
 
 @METHODS.register("ce")
@@ -93,12 +97,9 @@ class DKD(LossMethod):
 
     def __call__(self, student_logits, teacher_logits, labels, neighbours, epoch):
         c = self.cfg
-        factor = ramp(epoch, float(c.get("warmup_epochs", 0)))
+        factor = self.warmup_factor(epoch)
         loss = dkd_loss(student_logits, teacher_logits, labels, float(c["alpha"]), float(c["beta"]), float(c["temperature"]))
         return {"ce": float(c["ce_weight"]) * F.cross_entropy(student_logits.float(), labels), "dkd": factor * loss}
-
-    def step_signature(self, epoch):
-        return ramp(epoch, float(self.cfg.get("warmup_epochs", 0)))
 
 
 @METHODS.register("ickd")
@@ -114,7 +115,7 @@ class ICKD(LossMethod):
         if float(c["kd_weight"]) > 0:
             losses["kd"] = float(c["kd_weight"]) * kd_loss(student_logits, teacher_logits, T)
         assert neighbours is not None, "IC-KD needs retrieved neighbours"
-        factor = ramp(epoch, float(c.get("warmup_epochs", 0)))
+        factor = self.warmup_factor(epoch)
         nb_logits = neighbours.logits.float()  # fp32 bank logits; never round them to the student's bf16
         target = aggregate_positive_targets(
             nb_logits,
@@ -142,9 +143,6 @@ class ICKD(LossMethod):
                 weighting=str(c["nicd_weighting"]),
             )
         return losses
-
-    def step_signature(self, epoch):
-        return ramp(epoch, float(self.cfg.get("warmup_epochs", 0)))
 
 
 def create_method(cfg: Mapping[str, Any]) -> LossMethod:

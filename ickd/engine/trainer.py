@@ -159,9 +159,9 @@ class Trainer:
         self.run_info = RunInfo(self.out_dir, run_name, stage, run_config or {}, total_epochs=trainer_cfg.epochs)
         # Only rank 0 writes metrics and runs callbacks; its decisions are broadcast (_agree).
         self.callbacks = CallbackList([MetricsFile(self.out_dir / "metrics.jsonl"), *(callbacks or [])] if self.dist.is_main else [])
-        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim_cfg, fused=self.device.type == "cuda")
-        self.scheduler = build_scheduler(self.optimizer, optim_cfg, trainer_cfg.epochs)
         cuda = self.device.type == "cuda"
+        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim_cfg, fused=cuda)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, trainer_cfg.epochs)
         amp = trainer_cfg.amp if trainer_cfg.amp != "auto" else ("bf16" if cuda else "off")
         if amp not in ("bf16", "off"):
             raise ConfigError(f"trainer.amp={trainer_cfg.amp!r} is not valid; use auto, bf16 or off")
