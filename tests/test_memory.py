@@ -156,14 +156,15 @@ def test_self_exclusion(backend, kw):
 
 
 @pytest.mark.parametrize("backend,kw", BACKENDS)
-def test_fifo_self_exclusion_removes_every_copy(backend, kw):
+def test_fifo_self_exclusion_after_a_rewrite(backend, kw):
     bank = MemoryBank(50, 8, 3, size=20, subset="fifo", retriever=backend,
                       retriever_kwargs={"nlist": 2, "nprobe": 2} if kw else {})
     idx, feats, logits, labels = data(50, 8, 3)
     bank.fill(idx[:15], feats[:15], logits[:15], labels[:15])
-    bank.update(idx[:3], feats[:3], logits[:3], labels[:3])  # samples 0..2 now sit in two slots each
+    bank.update(idx[:3], feats[:3], logits[:3], labels[:3])  # samples 0..2 move to new slots (old ones emptied)
     nb = bank.retrieve(feats[:3], 10, labels[:3], exclude_indices=idx[:3])
     assert not (nb.sample_indices == idx[:3, None]).any()
+    assert bank.num_valid == 15 and nb.valid.all()
 
 
 @pytest.mark.parametrize("backend,kw", BACKENDS)

@@ -7,8 +7,9 @@ index that wrote it (-1 = empty). How samples map to slots:
 * M = N (``size`` None or N): slot = sample index.
 * M < N, ``subset="random"``: a fixed random subset of M sample indices (drawn from ``seed``) owns
   the slots; writes of other samples are ignored.
-* M < N, ``subset="fifo"``: a ring buffer of the M most recent writes. A sample may then appear in
-  several slots (written in two epochs); self-exclusion removes every copy.
+* M < N, ``subset="fifo"``: a ring buffer of the M most recent writes. A sample holds at most one
+  slot: writing it again invalidates its previous slot if that slot still holds it (the slot stays
+  empty until the ring comes round), so no query ever gets the same sample twice.
 
 Writes. ``fill`` always writes (initial teacher pass). ``update`` follows ``update``:
 ``frozen`` = no-op; ``overwrite`` = replace; ``momentum`` = ``m*old + (1-m)*new`` for the feature
@@ -16,9 +17,32 @@ Writes. ``fill`` always writes (initial teacher pass). ``update`` follows ``upda
 plain). For FIFO, ``overwrite`` and ``momentum`` both enqueue (a queue has no "old" entry of the
 sample to mix with) and ``frozen`` keeps the fill.
 
+Feature transform (``feature_transform``; docs/method.md "Revision 2"). Pooled features after a
+ReLU are all non-negative, so their cosines are nearly flat (top-16 ~0.988 +- 0.006). The bank
+stores u = normalize(T(normalize(f))) and transforms queries the same way inside ``retrieve``, so
+similarities are cosines in the transformed space:
+
+* ``none``: T(v) = v.
+* ``center``: T(v) = v - mu, mu the mean of the bank's (normalised, untransformed) features.
+* ``center_whiten``: T(v) = (v - mu) P, P the PCA whitening of the centred entries (eigenvalues
+  + 1e-5 x their mean), computed once at the end of the fill pass and then frozen.
+
+mu is set exactly from the bank's entries by :meth:`finish_fill` (which ends a fill pass begun with
+:meth:`begin_fill`; entries are stored untransformed during the pass and transformed once at its
+end). After that, and from the first written batch for banks filled online (no fill pass), every
+write first moves mu as an EMA of the written rows' mean, ``mu <- c*mu + (1-c)*batch_mean`` with
+``center_momentum`` c, and then stores its rows transformed with that mu; entries already stored
+keep the mu of their own write. With ``update=momentum`` the mixing happens in the transformed space.
+
+Retrieval (``retrieval``): ``knn`` = the nearest entries; ``random`` = the random-neighbour ablation,
+which keeps each row's numbers of same-class and other-class neighbours (those the k-NN search
+found for ``split="topk"``, k_pos and k_neg for ``split="separate"``) but draws them uniformly at
+random among the eligible entries, from a bank-owned generator seeded from ``seed``.
+
 Host synchronisation. Once every slot holds an entry (after the fill pass), ``retrieve`` with the
-``torch`` backend and ``update`` in M = N or FIFO mode never wait for the device; while the bank
-fills up, and for random subsets, a few small syncs happen per write.
+``torch`` backend and ``update`` in M = N or FIFO mode never wait for the device (the EMA of mu and
+its "set" flag are device tensors); while the bank fills up, and for random subsets, a few small
+syncs happen per write. ``begin_fill``/``finish_fill``, ``num_valid`` and checkpointing may sync.
 """
 from __future__ import annotations
 
@@ -27,19 +51,35 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ickd.errors import CheckpointError, ConfigError
-from ickd.memory.retrieval import Retriever, SearchFilter, create_retriever, resolve_backend
+from ickd.memory.retrieval import (
+    Retriever,
+    SearchFilter,
+    TorchExactRetriever,
+    create_retriever,
+    pad_topk,
+    resolve_backend,
+)
 
-__all__ = ["MemoryBank", "Neighbours", "SUBSETS", "UPDATES", "SPLITS"]
+__all__ = ["MemoryBank", "Neighbours", "SUBSETS", "UPDATES", "SPLITS", "TRANSFORMS", "RETRIEVALS"]
 
 SUBSETS = ("fifo", "random")
 UPDATES = ("frozen", "overwrite", "momentum")
 SPLITS = ("topk", "separate")
+TRANSFORMS = ("none", "center", "center_whiten")
+RETRIEVALS = ("knn", "random")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_STATE_VERSION = 1
+# 2: feature transform (mu, whitening, fill-pass flag), FIFO slot map, random-retrieval generator.
+_STATE_VERSION = 2
+# Whitening adds this times the mean eigenvalue to every eigenvalue (memory.whiten_eps). 1e-2 keeps the
+# near-null directions of post-ReLU features from dominating (docs/method.md, "Feature transform").
+_WHITEN_EPS = 1e-2
+_CHUNK = 65536  # rows per step when finish_fill reads or rewrites the whole bank
+_NEG_INF = float("-inf")
 
 
 @dataclass
@@ -52,7 +92,7 @@ class Neighbours:
     negative.
     """
 
-    sims: torch.Tensor  # (B, K) float32 cosine similarity
+    sims: torch.Tensor  # (B, K) float32 cosine similarity in the bank's (transformed) feature space
     logits: torch.Tensor  # (B, K, C) float32 teacher logits of the neighbours
     labels: torch.Tensor  # (B, K) int64
     sample_indices: torch.Tensor  # (B, K) int64
@@ -139,10 +179,17 @@ class _Timer:
         return self.total_ms / self.count if self.count else 0.0
 
 
+def _generator_seed(seed: int) -> int:
+    """The random-retrieval generator's seed: a stream of ``seed`` apart from the subset draw's."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, 0x2A4D]).generate_state(2, dtype=np.uint64)
+    return int(state[0]) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 class MemoryBank:
     """Features, logits and labels of (a subset of) the training set, with k-NN retrieval.
 
-    See the module docstring for slot layout and write rules, ``docs/method.md`` for the method.
+    See the module docstring for slot layout, write rules and the feature transform,
+    ``docs/method.md`` for the method.
     """
 
     def __init__(
@@ -159,6 +206,10 @@ class MemoryBank:
         feature_dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        feature_transform: str = "none",
+        center_momentum: float = 0.99,
+        retrieval: str = "knn",
+        whiten_eps: float = _WHITEN_EPS,
     ) -> None:
         n = _as_int(num_samples, "num_samples", "pass the training-set size")
         if n <= 0:
@@ -192,9 +243,27 @@ class MemoryBank:
                 f"memory.momentum={momentum!r} must be in [0, 1); new = m*old + (1-m)*new, "
                 "so m=0 is overwrite and m close to 1 changes slowly"
             )
+        if feature_transform not in TRANSFORMS:
+            raise ConfigError(
+                f"memory.feature_transform={feature_transform!r} is not valid; choose one of: {', '.join(TRANSFORMS)}"
+            )
+        cm = center_momentum
+        if not isinstance(cm, (int, float)) or isinstance(cm, bool) or not 0.0 <= cm < 1.0:
+            raise ConfigError(
+                f"memory.center_momentum={cm!r} must be in [0, 1); the bank's mean feature follows "
+                "mu = c*mu + (1-c)*batch_mean, so c=0 uses the last batch and c close to 1 changes slowly"
+            )
+        self._check_retrieval(retrieval)
+        if not isinstance(whiten_eps, (int, float)) or isinstance(whiten_eps, bool) or not whiten_eps > 0:
+            raise ConfigError(
+                f"memory.whiten_eps={whiten_eps!r} must be a positive number (default {_WHITEN_EPS}); it is added, "
+                "times the mean eigenvalue, to every eigenvalue before whitening"
+            )
+        self.whiten_eps = float(whiten_eps)
 
         self.num_samples, self.feature_dim, self.num_logits, self.size = n, d, c, m
         self.subset, self.update_rule, self.momentum = subset, update, float(momentum)
+        self.feature_transform, self.center_momentum, self.retrieval = feature_transform, float(cm), retrieval
         self.feature_dtype = _resolve_dtype(feature_dtype)
         self.device = torch.device(device)
         self.seed = int(seed)
@@ -206,6 +275,8 @@ class MemoryBank:
         self.labels = torch.full((m,), -1, dtype=torch.long, device=self.device)
         self.sample_idx = torch.full((m,), -1, dtype=torch.long, device=self.device)
         self.subset_indices: torch.Tensor | None = None
+        # (N,) sample -> slot. Random subsets: fixed. FIFO: the slot of the sample's latest write,
+        # which still holds it only while sample_idx[slot] equals it (the ring may have moved on).
         self.slot_of: torch.Tensor | None = None
         if self.mode == "random":
             gen = torch.Generator().manual_seed(self.seed)
@@ -214,9 +285,23 @@ class MemoryBank:
             slot_of = torch.full((n,), -1, dtype=torch.long)
             slot_of[chosen] = torch.arange(m)
             self.slot_of = slot_of.to(self.device)
+        elif self.mode == "fifo":
+            self.slot_of = torch.full((n,), -1, dtype=torch.long, device=self.device)
         self.fifo_ptr = 0
         self.fifo_count = 0
+        # True once every slot holds an entry, for good (M = N and random subsets). FIFO banks never
+        # set it: re-writing a sample leaves a hole where its previous slot was.
         self._all_valid = False
+
+        # Feature transform state (module docstring). mu_set is a device flag so that the first
+        # online write can initialise mu without the host looking at it.
+        self.mu = torch.zeros(d, dtype=torch.float32, device=self.device)
+        self.mu_set = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.whiten: torch.Tensor | None = None  # (D, D) float32: T(v) = (v - mu) @ whiten
+        self._in_fill_pass = False
+
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(_generator_seed(self.seed))
 
         # memory.backend=auto becomes a concrete backend here (it depends on M, D and the device);
         # backend_requested keeps what was asked for, backend_reason why this one runs.
@@ -228,20 +313,34 @@ class MemoryBank:
         self.retriever.bind(m, d, self.device)
         self._timer = _Timer()
 
+    @staticmethod
+    def _check_retrieval(retrieval: str) -> None:
+        if retrieval not in RETRIEVALS:
+            raise ConfigError(
+                f"memory.retrieval={retrieval!r} is not valid; choose one of: {', '.join(RETRIEVALS)} "
+                "(random = the random-neighbour ablation)"
+            )
+
     # ------------------------------------------------------------------ properties
     @property
     def num_valid(self) -> int:
         """Number of slots holding an entry."""
         if self._all_valid:
             return self.size
-        if self.mode == "fifo":
-            return self.fifo_count
         return int((self.sample_idx >= 0).sum())
+
+    @property
+    def in_fill_pass(self) -> bool:
+        """True between :meth:`begin_fill` and :meth:`finish_fill`."""
+        return self._in_fill_pass
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the bank's tensors and its retrieval backend."""
-        tensors = [self.feats, self.logits, self.labels, self.sample_idx, self.subset_indices, self.slot_of]
+        tensors = [
+            self.feats, self.logits, self.labels, self.sample_idx, self.subset_indices, self.slot_of,
+            self.mu, self.whiten,
+        ]
         own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return own + self.retriever.nbytes
 
@@ -255,8 +354,14 @@ class MemoryBank:
             return f"backend {self.retriever.name!r} searches through the host; use memory.backend=torch"
         if self.mode != "direct":
             return f"a {self.mode} bank (memory.size < N) tracks its slots on the host"
+        if self._in_fill_pass:
+            return "the bank's fill pass has not finished (finish_fill)"
         if not self._all_valid:
             return "the bank is not full yet"
+        if self.retrieval == "random":
+            # A graph replays the generator offsets it captured unless the generator is registered
+            # with it; eager steps keep the ablation's draws exact and resumable.
+            return "memory.retrieval=random draws from the bank's own random generator"
         return None
 
     def stats(self) -> dict[str, float | int]:
@@ -271,9 +376,113 @@ class MemoryBank:
     def __repr__(self) -> str:
         return (
             f"MemoryBank(M={self.size}, N={self.num_samples}, D={self.feature_dim}, C={self.num_logits}, "
-            f"mode={self.mode}, update={self.update_rule}, backend={self.retriever_name}, "
+            f"mode={self.mode}, update={self.update_rule}, transform={self.feature_transform}, "
+            f"retrieval={self.retrieval}, backend={self.retriever_name}, "
             f"dtype={self.feature_dtype}, device={self.device})"
         )
+
+    # ------------------------------------------------------------------ feature transform
+    def _transform(self, v: torch.Tensor) -> torch.Tensor:
+        """u = normalize(T(v)) for normalised float32 rows ``v`` (module docstring)."""
+        if self.feature_transform == "none":
+            return v
+        c = v - self.mu
+        if self.whiten is not None:
+            c = c @ self.whiten
+        return F.normalize(c, dim=1)
+
+    def _track_mean(self, f: torch.Tensor) -> None:
+        """mu <- c*mu + (1-c)*mean(f), or mean(f) for the first batch (device ops only, no sync)."""
+        if self.feature_transform == "none":
+            return
+        batch_mean = f.mean(dim=0)
+        c = self.center_momentum
+        self.mu.copy_(torch.where(self.mu_set, c * self.mu + (1.0 - c) * batch_mean, batch_mean))
+        self.mu_set.fill_(True)
+
+    def _no_whitening_error(self) -> ConfigError:
+        return ConfigError(
+            "memory.feature_transform=center_whiten computes its whitening once, from the bank filled by a fill "
+            "pass (begin_fill ... finish_fill), but this bank is written without one; use "
+            "memory.feature_transform=center, or memory.fill=pass in the offline paradigm"
+        )
+
+    def _check_ready(self, what: str) -> None:
+        if self._in_fill_pass:
+            raise ConfigError(
+                f"memory bank {what} during a fill pass: call finish_fill() after the pass's fill() calls "
+                "(Distiller.fill_banks does) before retrieving or updating"
+            )
+        if self.feature_transform == "center_whiten" and self.whiten is None:
+            raise self._no_whitening_error()
+
+    def begin_fill(self) -> None:
+        """Start a fill pass: empty the bank; until :meth:`finish_fill`, ``fill`` stores the
+        untransformed normalised features and ``retrieve``/``update`` refuse to run."""
+        with torch.no_grad():
+            self.feats.zero_()
+            self.logits.zero_()
+            self.labels.fill_(-1)
+            self.sample_idx.fill_(-1)
+            if self.mode == "fifo":
+                assert self.slot_of is not None
+                self.slot_of.fill_(-1)
+            self.mu.zero_()
+            self.mu_set.fill_(False)
+        self.whiten = None
+        self.fifo_ptr = 0
+        self.fifo_count = 0
+        self._all_valid = False
+        self._in_fill_pass = True
+        self.retriever.on_reset()
+
+    @torch.no_grad()
+    def finish_fill(self) -> None:
+        """End the fill pass: set mu (and the whitening for ``center_whiten``) exactly from the
+        bank's entries, transform every stored entry once, and let the backend rebuild its index."""
+        if not self._in_fill_pass:
+            raise ConfigError(
+                "finish_fill() ends a fill pass, but none is running: call begin_fill() before the pass's "
+                "fill() calls (Distiller.fill_banks does both)"
+            )
+        self._in_fill_pass = False
+        if self.feature_transform == "none":
+            return
+        rows = torch.nonzero(self.sample_idx >= 0).squeeze(1)
+        n = int(rows.numel())
+        if n == 0:
+            if self.feature_transform == "center_whiten":
+                raise ConfigError(
+                    "memory.feature_transform=center_whiten: the fill pass wrote no entries, so there is nothing "
+                    "to whiten; check the training set, or use memory.feature_transform=center"
+                )
+            return  # mu stays unset: the first write initialises it
+        chunks = rows.split(_CHUNK)
+        total = torch.zeros(self.feature_dim, dtype=torch.float64, device=self.device)
+        for ch in chunks:
+            total += self.feats[ch].double().sum(dim=0)
+        mu = total / n
+        if self.feature_transform == "center_whiten":
+            if n < 2:
+                raise ConfigError(
+                    f"memory.feature_transform=center_whiten needs at least 2 entries to estimate a covariance, "
+                    f"the fill pass wrote {n}; use memory.feature_transform=center"
+                )
+            cov = torch.zeros(self.feature_dim, self.feature_dim, dtype=torch.float64, device=self.device)
+            for ch in chunks:
+                x = self.feats[ch].double() - mu
+                cov += x.T @ x
+            cov /= n
+            evals, evecs = torch.linalg.eigh(cov)
+            evals = evals.clamp(min=0.0)
+            eps = self.whiten_eps * float(evals.mean()) or 1e-12  # all-equal entries: any tiny eps
+            # PCA whitening: coordinates along the eigenvectors, each scaled to unit variance.
+            self.whiten = (evecs * (evals + eps).rsqrt()).float()
+        self.mu.copy_(mu.float())
+        self.mu_set.fill_(True)
+        for ch in chunks:
+            self.feats.index_copy_(0, ch, self._transform(self.feats[ch].float()).to(self.feature_dtype))
+        self.retriever.on_reset()
 
     # ------------------------------------------------------------------ writes
     def fill(self, indices: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -284,6 +493,7 @@ class MemoryBank:
         """Per-step update following the update rule (no-op when frozen)."""
         if self.update_rule == "frozen":
             return
+        self._check_ready("update")
         # Range checks need the indices on the host; skip them for device tensors in the hot loop.
         self._write(
             indices, feats, logits, labels,
@@ -316,6 +526,8 @@ class MemoryBank:
         check_range: bool,
     ) -> None:
         self._check_batch(indices, feats, logits, labels)
+        if not self._in_fill_pass and self.feature_transform == "center_whiten" and self.whiten is None:
+            raise self._no_whitening_error()
         if indices.shape[0] == 0:
             return
         dev = self.device
@@ -339,6 +551,17 @@ class MemoryBank:
             slots = (self.fifo_ptr + torch.arange(b, device=dev)) % m
             self.fifo_ptr = (self.fifo_ptr + b) % m
             self.fifo_count = min(m, self.fifo_count + b)
+            # One slot per sample: empty the previous slot of each written sample if it still holds
+            # that sample. min(current, -1) empties; min(current, LONG_MAX) keeps (no sync, and
+            # duplicate targets of clamped -1 lookups cannot race).
+            assert self.slot_of is not None
+            prev = self.slot_of[idx]
+            safe = prev.clamp(min=0)
+            stale = (prev >= 0) & (self.sample_idx[safe] == idx)
+            drop = torch.where(stale, torch.full_like(idx, -1), torch.full_like(idx, torch.iinfo(torch.long).max))
+            self.sample_idx.scatter_reduce_(0, safe, drop, reduce="amin")
+            self.labels.scatter_reduce_(0, safe, drop, reduce="amin")
+            self.slot_of.index_copy_(0, idx, slots)
         else:
             if self.mode == "direct":
                 slots = idx
@@ -349,24 +572,25 @@ class MemoryBank:
                 slots, idx, f, z, y = slots[inside], idx[inside], f[inside], z[inside], y[inside]
                 if slots.numel() == 0:
                     return
-            if mix:
-                m_ = self.momentum
-                had = (self.sample_idx[slots] == idx).unsqueeze(1)
-                mixed_f = F.normalize(m_ * self.feats[slots].float() + (1.0 - m_) * f, dim=1)
-                mixed_z = m_ * self.logits[slots] + (1.0 - m_) * z
-                f = torch.where(had, mixed_f, f)
-                z = torch.where(had, mixed_z, z)
+
+        if not self._in_fill_pass:  # during a fill pass entries stay untransformed until finish_fill
+            self._track_mean(f)
+            f = self._transform(f)
+        if mix:
+            m_ = self.momentum
+            had = (self.sample_idx[slots] == idx).unsqueeze(1)
+            mixed_f = F.normalize(m_ * self.feats[slots].float() + (1.0 - m_) * f, dim=1)
+            mixed_z = m_ * self.logits[slots] + (1.0 - m_) * z
+            f = torch.where(had, mixed_f, f)
+            z = torch.where(had, mixed_z, z)
 
         self.feats.index_copy_(0, slots, f.to(self.feature_dtype))
         self.logits.index_copy_(0, slots, z)
         self.labels.index_copy_(0, slots, y)
         self.sample_idx.index_copy_(0, slots, idx)
-        if not self._all_valid:
-            # Validity never goes back to False, so this sync stops once the bank is full.
-            if self.mode == "fifo":
-                self._all_valid = self.fifo_count == self.size
-            else:
-                self._all_valid = bool((self.sample_idx >= 0).all())
+        if not self._all_valid and self.mode != "fifo":
+            # Validity never goes back to False here, so this sync stops once the bank is full.
+            self._all_valid = bool((self.sample_idx >= 0).all())
         self.retriever.on_write(slots)
 
     # ------------------------------------------------------------------ retrieval
@@ -404,7 +628,14 @@ class MemoryBank:
             )
 
     def _valid_mask(self) -> torch.Tensor | None:
-        return None if self._all_valid else self.sample_idx >= 0
+        if self._all_valid:
+            return None
+        if self.mode == "fifo" and self.fifo_count == self.size and not isinstance(self.retriever, TorchExactRetriever):
+            # Every slot has been written; the holes left by re-written samples have sample -1, which
+            # the host-side backends' post-filter (SearchFilter.allowed) drops. Passing None spares
+            # them a copy of the valid rows per search.
+            return None
+        return self.sample_idx >= 0
 
     def retrieve(
         self,
@@ -415,14 +646,20 @@ class MemoryBank:
         split: str = "topk",
         k_pos: int | None = None,
         k_neg: int | None = None,
+        retrieval: str | None = None,
     ) -> Neighbours:
         """The in-context neighbours of each query (see :class:`Neighbours`).
 
         ``split="topk"``: the k nearest by cosine, split by label into positives/negatives.
         ``split="separate"``: the k_pos nearest same-class and the k_neg nearest other-class entries.
         ``exclude_indices`` (B,): entries written by that sample are never returned.
+        ``retrieval`` (default: the bank's): ``knn``, or ``random`` for the random-neighbour
+        ablation (module docstring). Queries are transformed like the bank's entries.
         """
+        retrieval = self.retrieval if retrieval is None else retrieval
+        self._check_retrieval(retrieval)
         self.check_k(k, k_pos, k_neg, split)
+        self._check_ready("retrieval")
         if query_feats.dim() != 2 or query_feats.shape[1] != self.feature_dim:
             raise ConfigError(
                 f"query features have shape {tuple(query_feats.shape)} but the bank stores "
@@ -436,19 +673,22 @@ class MemoryBank:
             )
         dev = self.device
         token = self._timer.start(dev)
-        q = F.normalize(query_feats.detach().to(dev, torch.float32), dim=1)
+        q = self._transform(F.normalize(query_feats.detach().to(dev, torch.float32), dim=1))
         ql = query_labels.detach().to(dev, torch.long)
         ex = None if exclude_indices is None else exclude_indices.detach().to(dev, torch.long)
         ex_slots = None
         if ex is not None and self.mode == "direct":
             ex_slots = ex
-        elif ex is not None and self.mode == "random":
+        elif ex is not None:
+            # Each sample holds at most one slot: a scatter is cheaper than a (B, M) compare.
             assert self.slot_of is not None
-            ex_slots = self.slot_of[ex.clamp(0, self.num_samples - 1)]
+            s = self.slot_of[ex.clamp(0, self.num_samples - 1)]
+            holds = (s >= 0) & (self.sample_idx[s.clamp(min=0)] == ex)
+            ex_slots = torch.where(holds, s, torch.full_like(s, -1))
         valid = self._valid_mask()
 
-        def search(count: int, same: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
-            flt = SearchFilter(
+        def make_filter(same: bool | None) -> SearchFilter:
+            return SearchFilter(
                 slot_samples=self.sample_idx,
                 slot_labels=self.labels,
                 exclude_samples=ex,
@@ -456,17 +696,30 @@ class MemoryBank:
                 query_labels=ql,
                 same_label=same,
             )
+
+        def search(count: int, same: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
             # The bank's storage dtype decides the matmul precision, not the caller's autocast: a
             # bf16 autocast would round the similarities to 8 bits and reorder near neighbours.
             with torch.autocast(dev.type, enabled=False):
-                return self.retriever.search(q, self.feats, valid, count, flt)
+                return self.retriever.search(q, self.feats, valid, count, make_filter(same))
 
         if split == "topk":
             sims, slots = search(k, None)
+            if retrieval == "random":
+                ok = slots >= 0
+                same = ok & (self.labels[slots.clamp(min=0)] == ql.unsqueeze(1))
+                n_pos, n_neg = same.sum(dim=1), (ok & ~same).sum(dim=1)
+                sp, lp = self._random_pick(q, k, n_pos, make_filter(True))
+                sn, ln = self._random_pick(q, k, n_neg, make_filter(False))
+                sims, slots = self._sorted(torch.cat([sp, sn], dim=1), torch.cat([lp, ln], dim=1), k)
         else:
             assert k_pos is not None and k_neg is not None
-            sp, lp = search(k_pos, True)
-            sn, ln = search(k_neg, False)
+            if retrieval == "random":
+                sp, lp = self._random_pick(q, k_pos, torch.full_like(ql, k_pos), make_filter(True))
+                sn, ln = self._random_pick(q, k_neg, torch.full_like(ql, k_neg), make_filter(False))
+            else:
+                sp, lp = search(k_pos, True)
+                sn, ln = search(k_neg, False)
             sims, slots = torch.cat([sp, sn], dim=1), torch.cat([lp, ln], dim=1)
 
         ok = slots >= 0
@@ -482,6 +735,34 @@ class MemoryBank:
         )
         self._timer.stop(dev, token)
         return nb
+
+    def _random_pick(
+        self, q: torch.Tensor, width: int, count: torch.Tensor, flt: SearchFilter
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count[b]`` (<= width) distinct eligible slots per row drawn uniformly at random, sorted by
+        their true similarity to the query: (sims (B, width) with -inf, slots (B, width) with -1).
+
+        Random scores masked to the eligible slots, then top-k: uniform without replacement, on the
+        device, no host sync."""
+        scores = torch.rand(q.shape[0], self.size, generator=self._gen, device=self.device)
+        scores.masked_fill_((self.sample_idx < 0).unsqueeze(0), _NEG_INF)
+        flt.mask_dense_(scores)
+        top, slots = scores.topk(min(width, self.size), dim=1)
+        take = torch.isfinite(top) & (torch.arange(top.shape[1], device=self.device).unsqueeze(0) < count.unsqueeze(1))
+        safe = slots.clamp(min=0)
+        with torch.autocast(self.device.type, enabled=False):
+            sims = (self.feats[safe].float() * q.unsqueeze(1)).sum(dim=-1)
+        sims = torch.where(take, sims, torch.full_like(sims, _NEG_INF))
+        sims, slots = pad_topk(sims, slots, width)
+        return self._sorted(sims, slots, width)
+
+    @staticmethod
+    def _sorted(sims: torch.Tensor, slots: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``width`` best columns of each row by similarity, descending (missing: -inf / -1 last)."""
+        sims, order = sims.sort(dim=1, descending=True, stable=True)
+        slots = slots.gather(1, order)
+        sims, slots = sims[:, :width], slots[:, :width]
+        return sims, torch.where(torch.isfinite(sims), slots, torch.full_like(slots, -1))
 
     # ------------------------------------------------------------------ persistence
     def _geometry(self) -> dict[str, Any]:
@@ -504,8 +785,15 @@ class MemoryBank:
             "labels": self.labels,
             "sample_idx": self.sample_idx,
             "subset_indices": self.subset_indices,
+            "slot_of": self.slot_of if self.mode == "fifo" else None,
             "fifo_ptr": self.fifo_ptr,
             "fifo_count": self.fifo_count,
+            "feature_transform": self.feature_transform,
+            "mu": self.mu,
+            "mu_set": self.mu_set,
+            "whiten": self.whiten,
+            "in_fill_pass": self._in_fill_pass,
+            "generator": self._gen.get_state(),
             "retrieval_ms_total": self._timer.resolved_total_ms(),
             "retrievals": self._timer.count,
             "retriever_name": self.retriever_name,
@@ -513,8 +801,12 @@ class MemoryBank:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore a bank saved by :meth:`state_dict`; the bank must have the same geometry."""
-        if sd.get("version") != _STATE_VERSION or "geometry" not in sd:
+        """Restore a bank saved by :meth:`state_dict`; the bank must have the same geometry.
+
+        Version-1 states (before the feature transform) load into a ``feature_transform="none"``
+        bank only: their entries are untransformed."""
+        version = sd.get("version")
+        if version not in (1, _STATE_VERSION) or "geometry" not in sd:
             raise CheckpointError(
                 "the memory-bank state is missing or from an unknown version; resume from a checkpoint "
                 "written by this ickd version, or start the run afresh"
@@ -525,11 +817,35 @@ class MemoryBank:
                 f"{self._geometry()}; resume with the same dataset, teacher, memory.size and "
                 "memory.subset as the checkpointed run"
             )
+        saved_transform = sd.get("feature_transform", "none")
+        if version == 1 and self.feature_transform != "none":
+            raise CheckpointError(
+                "the memory-bank checkpoint predates memory.feature_transform: its entries are untransformed, "
+                f"but this run uses memory.feature_transform={self.feature_transform}; resume with "
+                "memory.feature_transform=none, or start the run afresh"
+            )
+        if saved_transform != self.feature_transform:
+            raise CheckpointError(
+                f"the memory-bank checkpoint stores features under memory.feature_transform={saved_transform} "
+                f"but this run uses memory.feature_transform={self.feature_transform}; resume with "
+                f"memory.feature_transform={saved_transform}, or start the run afresh"
+            )
         with torch.no_grad():
             self.feats.copy_(sd["feats"].to(self.device, self.feature_dtype))
             self.logits.copy_(sd["logits"].to(self.device))
             self.labels.copy_(sd["labels"].to(self.device))
             self.sample_idx.copy_(sd["sample_idx"].to(self.device))
+            if version == 1:
+                self.mu.zero_()
+                self.mu_set.fill_(False)
+            else:
+                self.mu.copy_(sd["mu"].to(self.device, torch.float32))
+                self.mu_set.copy_(sd["mu_set"].to(self.device, torch.bool))
+        whiten = None if version == 1 else sd.get("whiten")
+        self.whiten = None if whiten is None else whiten.to(self.device, torch.float32)
+        self._in_fill_pass = bool(sd.get("in_fill_pass", False))
+        if "generator" in sd:
+            self._gen.set_state(sd["generator"].cpu())
         if self.mode == "random":
             # The checkpoint's subset wins over this bank's seed: resume must address the same slots.
             chosen = sd["subset_indices"].to(self.device, torch.long)
@@ -540,7 +856,12 @@ class MemoryBank:
         self.fifo_ptr = int(sd["fifo_ptr"])
         self.fifo_count = int(sd["fifo_count"])
         if self.mode == "fifo":
-            self._all_valid = self.fifo_count == self.size
+            assert self.slot_of is not None
+            if sd.get("slot_of") is not None:
+                self.slot_of.copy_(sd["slot_of"].to(self.device, torch.long))
+            else:
+                self._dedupe_fifo()
+            self._all_valid = False
         else:
             self._all_valid = bool((self.sample_idx >= 0).all())
         self._timer = _Timer()
@@ -551,3 +872,22 @@ class MemoryBank:
         else:  # backend changed on resume (allowed): rebuild its state from the restored content
             self.retriever.on_reset()
 
+    def _dedupe_fifo(self) -> None:
+        """Rebuild ``slot_of`` of a FIFO bank saved without one (version 1), keeping only each
+        sample's most recent slot (older copies are emptied, as a write would have done)."""
+        assert self.slot_of is not None
+        m = self.size
+        samples = self.sample_idx.cpu().numpy()
+        newest_first = (self.fifo_ptr - 1 - np.arange(m)) % m
+        order_samples = samples[newest_first]
+        present = order_samples >= 0
+        keep_slots = np.zeros(m, dtype=bool)
+        _, first = np.unique(order_samples[present], return_index=True)
+        keep_slots[newest_first[np.flatnonzero(present)[first]]] = True
+        drop = torch.from_numpy(np.flatnonzero((samples >= 0) & ~keep_slots)).to(self.device)
+        with torch.no_grad():
+            self.sample_idx[drop] = -1
+            self.labels[drop] = -1
+            self.slot_of.fill_(-1)
+            kept = torch.from_numpy(np.flatnonzero(keep_slots)).to(self.device)
+            self.slot_of[self.sample_idx[kept]] = kept

@@ -5,7 +5,8 @@ Interface (every backend implements it; the bank is the only caller):
 * ``bind(size, dim, device)``: called once by the bank with its geometry; backends validate their
   options against it (e.g. ``nlist <= size``).
 * ``on_write(slots)``: the bank wrote (or invalidated) these slots; stateful backends mark them stale.
-* ``on_reset()``: the whole content changed (``load_state_dict``); drop every cache.
+* ``on_reset()``: the whole content changed (``load_state_dict``, ``begin_fill``, ``finish_fill``
+  re-transforming every entry); drop every cache.
 * ``search(queries, feats, valid, k, flt) -> (sims, slots)``:
   ``queries`` (B, D) float32, L2-normalised; ``feats`` (M, D) the bank's storage (its dtype and
   device); ``valid`` (M,) bool or ``None`` when every slot holds an entry; ``flt`` a
