@@ -505,3 +505,124 @@ def test_subset_too_large_or_invalid(tmp_path: Path, cifar_root) -> None:
         build_data("cifar100", root=str(cifar_root.root), val_subset=1000)
     with pytest.raises(ConfigError, match="positive"):
         build_data("synthetic", train_subset=0)
+
+
+# ---------------------------------------------------------------- holdout (dataset.holdout)
+
+
+def _normalised(bundle: DataBundle, images: torch.Tensor) -> torch.Tensor:
+    c = images.shape[1]
+    scale = torch.tensor(bundle.std[:c]).view(1, c, 1, 1)
+    shift = torch.tensor(bundle.mean[:c]).view(1, c, 1, 1)
+    return (images.float() / 255 - shift) / scale
+
+
+@pytest.mark.skipif(
+    not DEBIAN_FMNIST.is_dir(),
+    reason=f"{DEBIAN_FMNIST} absent: install it with `apt-get install dataset-fashion-mnist` (CI does)",
+)
+def test_holdout_on_real_fashion_mnist_is_carved_from_train_before_the_subset() -> None:
+    b = build_data("fashion_mnist", holdout=5000, train_subset=20000, seed=0)  # the demo's split
+    assert (b.num_train, b.num_holdout, b.num_val) == (20000, 5000, 10000)
+    ho, tr = b.holdout_indices, b.train_indices
+    # Both are positions in the official 60k train file (the test file is another file): distinct,
+    # inside the train split, and never overlapping, so no holdout image trains or enters the bank.
+    assert len(np.unique(ho)) == 5000 and len(np.unique(tr)) == 20000
+    assert ho.min() >= 0 and ho.max() < 60000 and tr.min() >= 0 and tr.max() < 60000
+    assert np.intersect1d(ho, tr).size == 0
+    train_x, train_y = fm.load_split(fm.find_fashion_mnist(None, False)[1], "train")
+    assert torch.equal(b.holdout_images, train_x[torch.from_numpy(ho)]) and torch.equal(b.holdout_labels, train_y[torch.from_numpy(ho)])
+    assert torch.equal(b.train_images, train_x[torch.from_numpy(tr)]) and torch.equal(b.train_labels, train_y[torch.from_numpy(tr)])
+    # Class-balanced: Fashion-MNIST has 6000 per class, so exactly 500 and 2000 of each.
+    assert torch.equal(torch.bincount(b.holdout_labels, minlength=10), torch.full((10,), 500))
+    assert torch.equal(torch.bincount(b.train_labels, minlength=10), torch.full((10,), 2000))
+    # Deterministic in subset_seed; another seed draws another holdout.
+    again = build_data("fashion_mnist", holdout=5000, train_subset=20000, seed=0)
+    assert np.array_equal(again.holdout_indices, ho) and np.array_equal(again.train_indices, tr)
+    other = build_data("fashion_mnist", holdout=5000, train_subset=20000, seed=1)
+    assert not np.array_equal(other.holdout_indices, ho) and np.intersect1d(other.holdout_indices, other.train_indices).size == 0
+    # A fraction, and no subset: every image not held out trains.
+    frac = build_data("fashion_mnist", holdout=0.1, seed=0)
+    assert (frac.num_holdout, frac.num_train) == (6000, 54000)
+    assert np.array_equal(np.sort(np.concatenate([frac.holdout_indices, frac.train_indices])), np.arange(60000))
+    # The holdout loader: fixed order, every sample once, the un-augmented images (like val).
+    loader = b.holdout_loader(1000)
+    batches = collect(loader)
+    assert torch.equal(torch.cat([i for _, _, i in batches]), torch.arange(5000))
+    assert torch.equal(torch.cat([y for _, y, _ in batches]), b.holdout_labels)
+    x = torch.cat([x for x, _, _ in batches])
+    torch.testing.assert_close(x, _normalised(b, b.holdout_images), atol=1e-5, rtol=0)
+
+
+def test_no_holdout_keeps_the_training_subset_it_always_had() -> None:
+    kw = dict(num_classes=10, num_train=400, num_val=100, image_size=8)
+    plain = build_data("synthetic", train_subset=55, seed=3, **kw)
+    assert plain.num_holdout == 0 and plain.holdout_loader(16) is None and plain.holdout_labels is None
+    full = build_data("synthetic", **kw)
+    expected = stratified_subset(full.train_labels, 55, seed=3, salt=0)  # the pre-holdout choice
+    assert np.array_equal(plain.train_indices, expected) and torch.equal(plain.train_images, full.train_images[expected])
+    assert build_data("synthetic", holdout=0, **kw).num_holdout == 0  # 0 means none, like null
+
+
+def test_holdout_on_synthetic_is_balanced_disjoint_and_the_same_in_both_pipelines() -> None:
+    kw = dict(num_classes=10, num_train=400, num_val=100, image_size=8)
+    b = build_data("synthetic", holdout=50, train_subset=120, seed=2, **kw)
+    assert (b.num_holdout, b.num_train) == (50, 120)
+    assert torch.equal(torch.bincount(b.holdout_labels, minlength=10), torch.full((10,), 5))
+    assert np.intersect1d(b.holdout_indices, b.train_indices).size == 0
+    # Train indices still count 0..num_train-1 (the memory bank is addressed by them).
+    assert sorted(torch.cat([i for _, _, i in collect(b.train_loader(32))]).tolist()) == list(range(120))
+    assert_same_batches(collect(b.holdout_loader(16)), collect(b.holdout_loader(16, pipeline="classic", num_workers=0)))
+    shards = [collect(b.holdout_loader(8, rank=r, world_size=2)) for r in range(2)]
+    seen = sorted(torch.cat([i for s in shards for _, _, i in s]).tolist())
+    assert seen == list(range(50))  # sharded like val: every holdout sample on exactly one rank
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(holdout=-1), ["dataset.holdout=-1", "a count 1..99"]),
+        (dict(holdout=100), ["dataset.holdout=100", "0 <= holdout < 100"]),
+        (dict(holdout=1.0), ["strictly between 0 and 1"]),
+        (dict(holdout=0.0), ["strictly between 0 and 1"]),
+        (dict(holdout=2.5), ["strictly between 0 and 1"]),
+        (dict(holdout=0.001), ["0 samples"]),
+        (dict(holdout="ten"), ["not a number"]),
+        (dict(holdout=True), ["not a number"]),
+        (dict(holdout=90, train_subset=20), ["dataset.train_subset=20", "10 synthetic training images left", "dataset.holdout=90"]),
+    ],
+)
+def test_bad_holdout_values_are_config_errors_naming_the_fix(kwargs, words) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_data("synthetic", num_train=100, num_val=20, image_size=8, **kwargs)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_holdout_on_real_format_cifar_files(cifar_root) -> None:
+    b = build_data("cifar100", root=str(cifar_root.root), holdout=100, train_subset=300, seed=0)
+    assert (b.num_holdout, b.num_train) == (100, 300)
+    assert torch.equal(torch.bincount(b.holdout_labels, minlength=100), torch.ones(100, dtype=torch.int64))
+    assert np.intersect1d(b.holdout_indices, b.train_indices).size == 0
+    # The holdout images are the pickles' train rows (CHW rows of 3072 bytes) at those positions.
+    rows = torch.from_numpy(cifar_root.train.images[b.holdout_indices]).view(-1, 3, 32, 32)
+    assert torch.equal(b.holdout_images, rows)
+    with pytest.raises(ConfigError, match="dataset.train_subset=450"):
+        build_data("cifar100", root=str(cifar_root.root), holdout=100, train_subset=450)
+
+
+def test_holdout_on_an_image_folder_uses_train_images_with_the_eval_transform(imagenet_tree) -> None:
+    b = build_data("imagenet", root=str(imagenet_tree.root), image_size=32, num_workers=0, holdout=3, seed=1)
+    assert (b.num_train, b.num_holdout, b.num_val) == (9, 3, 6)
+    assert sorted(b.holdout_labels.tolist()) == [0, 1, 2]  # one per class
+    assert np.intersect1d(b.holdout_indices, b.train_indices).size == 0
+    assert sorted(np.concatenate([b.holdout_indices, b.train_indices]).tolist()) == list(range(12))
+    x, y, idx = next(iter(b.holdout_loader(3)))
+    assert torch.equal(idx, torch.arange(3)) and torch.equal(y, b.holdout_labels)
+    # Deterministic eval transform: two passes give identical tensors.
+    x2, _, _ = next(iter(b.holdout_loader(3)))
+    assert torch.equal(x, x2)
+    folder = b.train_set.folder
+    held_paths = {folder.samples[i][0] for i in b.holdout_indices}
+    assert all("/train/" in p for p in held_paths) and not held_paths & {folder.samples[i][0] for i in b.train_indices}
+    assert build_data("imagenet", root=str(imagenet_tree.root), image_size=32).holdout_loader(3) is None

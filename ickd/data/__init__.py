@@ -17,7 +17,9 @@ from ickd.data.base import (
     Loader,
     TensorBundle,
     build_data,
+    check_holdout,
     resolve_root,
+    split_train,
     stratified_subset,
 )
 from ickd.data.classic import ClassicLoader
@@ -40,6 +42,7 @@ __all__ = [
     "Loader",
     "TensorBundle",
     "build_data",
+    "check_holdout",
     "crop_flip",
     "derive_seed",
     "draw_crop_flip",
@@ -49,5 +52,6 @@ __all__ = [
     "plan_epoch",
     "random_crop_flip",
     "resolve_root",
+    "split_train",
     "stratified_subset",
 ]

@@ -1,12 +1,18 @@
 """Dataset registry, the DataBundle interface, subsets, and ``build_data``.
 
 A *DataBundle* is what the trainer gets: dataset facts (classes, channels, size, split sizes, where
-the files came from) plus ``train_loader``/``val_loader`` factories. Every batch carries the dataset
-index of each sample, because the IC-KD memory bank is addressed by it.
+the files came from) plus ``train_loader``/``val_loader``/``holdout_loader`` factories. Every batch
+carries the dataset index of each sample, because the IC-KD memory bank is addressed by it.
+
+Splits: *train* (what the model and the memory bank see), *val* (the dataset's official test set;
+metrics ``test/*``) and, with ``dataset.holdout``, a *holdout* carved from the official train split
+before ``train_subset`` is drawn (metrics ``holdout/*``): hyperparameters are tuned on it, so the
+test set stays untouched until the final report.
 """
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -28,6 +34,10 @@ __all__ = [
     "build_data",
     "stratified_subset",
     "check_subset",
+    "check_holdout",
+    "split_train",
+    "HOLDOUT_SALT",
+    "VAL_SALT",
     "resolve_root",
     "DEFAULT_DATA_ROOT",
 ]
@@ -69,6 +79,64 @@ def check_subset(value: int | None, size: int, what: str, dataset: str) -> int |
             f"({size} samples); use at most {size} or null for all"
         )
     return int(value)
+
+
+#: ``stratified_subset`` salts: train subset 0, val subset 1, holdout 2 (independent choices).
+TRAIN_SALT, VAL_SALT, HOLDOUT_SALT = 0, 1, 2
+
+
+def check_holdout(value: int | float | None, size: int, dataset: str) -> int:
+    """The holdout size in samples for ``dataset.holdout`` (null/0: none, an int count, or a float
+    fraction in (0, 1) of the ``size`` official training images); ConfigError naming the fix."""
+    if value is None:
+        return 0
+    fix = (f"use null (no holdout), a count 1..{size - 1} (e.g. 5000) or a fraction in (0, 1) "
+           f"(e.g. 0.1) of the {size} {dataset} training images")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"dataset.holdout={value!r} is not a number; {fix}")
+    if isinstance(value, (int, np.integer)):
+        n = int(value)
+        if n < 0 or n >= size:
+            raise ConfigError(f"dataset.holdout={n} must leave training images (0 <= holdout < {size}); {fix}")
+        return n
+    frac = float(value)
+    if not 0.0 < frac < 1.0 or math.isnan(frac):
+        raise ConfigError(f"dataset.holdout={value!r}: a fraction must lie strictly between 0 and 1; {fix}")
+    n = int(round(frac * size))
+    if n < 1 or n >= size:
+        raise ConfigError(f"dataset.holdout={value!r} of {size} images is {n} samples, which leaves no holdout or no training set; {fix}")
+    return n
+
+
+def split_train(
+    labels: np.ndarray | torch.Tensor, holdout: int | float | None, train_subset: int | None, seed: int, dataset: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Indices into the official train split: ``(train, holdout)``.
+
+    The holdout (``stratified_subset`` with its own salt) is chosen first from the whole train split;
+    ``train_subset`` is then drawn from what is left, so the two never overlap and the training set
+    (hence the memory bank) never holds a holdout sample. ``train`` is None when every image trains
+    (no holdout, no subset); ``holdout`` is None without a holdout. Without a holdout the training
+    subset is exactly the one chosen before holdouts existed (same salt, same pool).
+    """
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    total = int(y.shape[0])
+    n_ho = check_holdout(holdout, total, dataset)
+    held = stratified_subset(y, n_ho, seed, salt=HOLDOUT_SALT) if n_ho else None
+    pool = np.setdiff1d(np.arange(total), held, assume_unique=True) if held is not None else None
+    left = total - n_ho
+    n_tr = check_subset(train_subset, total, "train_subset", dataset)  # type and the split's size first
+    if n_tr is not None and n_tr > left:
+        raise ConfigError(
+            f"dataset.train_subset={n_tr} is larger than the {left} {dataset} training images left after "
+            f"dataset.holdout={holdout!r} takes {n_ho} of {total}; use dataset.train_subset<={left} (or null), "
+            "or a smaller holdout"
+        )
+    if n_tr is None or n_tr == left:
+        return pool, held
+    if pool is None:
+        return stratified_subset(y, n_tr, seed, salt=TRAIN_SALT), held
+    return pool[stratified_subset(y[pool], n_tr, seed, salt=TRAIN_SALT)], held
 
 
 def stratified_subset(
@@ -113,6 +181,10 @@ class DataBundle(ABC):
         name: registry name (``cifar100`` ...).
         num_classes, in_channels, image_size: what the model must accept (image_size is H == W).
         num_train, num_val: split sizes after subsetting; ``idx`` of a batch is in [0, num_train).
+        num_holdout: size of the holdout carved from the official train split (0: none); see
+            ``dataset.holdout`` and :func:`split_train`.
+        train_indices, holdout_indices: positions in the official train split of the training
+            samples (in ``idx`` order) and of the holdout samples (None: all / no holdout).
         source: where the data came from (folder path, or a description for synthetic data).
         class_names: one name per class.
         mean, std: per-channel normalisation constants applied to every batch.
@@ -123,6 +195,9 @@ class DataBundle(ABC):
     """
 
     pipelines: tuple[str, ...] = ("classic",)
+    num_holdout: int = 0
+    train_indices: np.ndarray | None = None
+    holdout_indices: np.ndarray | None = None
 
     name: str
     num_classes: int
@@ -180,6 +255,24 @@ class DataBundle(ABC):
     ) -> Loader:
         """Loader over the val split in fixed order, no augmentation (``rank::world_size`` when sharded)."""
 
+    @property
+    def holdout_labels(self) -> torch.Tensor | None:
+        """int64 (num_holdout,) labels of the holdout, or None without a holdout."""
+        return None
+
+    def holdout_loader(
+        self,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        num_workers: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        pipeline: str | None = None,
+    ) -> Loader | None:
+        """Loader over the holdout like ``val_loader`` (fixed order, no augmentation, same sharding);
+        None when the bundle has no holdout."""
+        return None
+
     def check_pipeline(self, pipeline: str | None) -> str:
         """``pipeline`` if this dataset offers it (None: its default), else a ConfigError naming the choices."""
         if pipeline in (None, "auto"):
@@ -195,7 +288,7 @@ class DataBundle(ABC):
         return (
             f"{type(self).__name__}(name={self.name!r}, num_classes={self.num_classes}, "
             f"in_channels={self.in_channels}, image_size={self.image_size}, num_train={self.num_train}, "
-            f"num_val={self.num_val}, source={self.source!r})"
+            f"num_val={self.num_val}, num_holdout={self.num_holdout}, source={self.source!r})"
         )
 
 
@@ -229,6 +322,7 @@ class TensorBundle(DataBundle):
         train_subset: int | None = None,
         val_subset: int | None = None,
         out_channels: int | None = None,
+        holdout: int | float | None = None,
     ) -> None:
         for split, x, y in (("train", train_images, train_labels), ("val", val_images, val_labels)):
             if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[2] != x.shape[3]:
@@ -236,19 +330,27 @@ class TensorBundle(DataBundle):
             if y.shape != (x.shape[0],):
                 raise ValueError(f"{name} {split}: {x.shape[0]} images but labels of shape {tuple(y.shape)}")
         self.seed = int(seed)
-        n_tr = check_subset(train_subset, train_images.shape[0], "train_subset", name)
         n_va = check_subset(val_subset, val_images.shape[0], "val_subset", name)
         train_labels = train_labels.to(torch.int64)
         val_labels = val_labels.to(torch.int64)
-        if n_tr is not None and n_tr < train_images.shape[0]:
-            keep = torch.from_numpy(stratified_subset(train_labels, n_tr, self.seed, salt=0))
+        train_idx, holdout_idx = split_train(train_labels, holdout, train_subset, self.seed, name)
+        # The holdout is the official train images it names, un-augmented at evaluation.
+        held = (train_images[:0], train_labels[:0])
+        if holdout_idx is not None:
+            keep = torch.from_numpy(holdout_idx)
+            held = (train_images[keep], train_labels[keep])
+        if train_idx is not None:
+            keep = torch.from_numpy(train_idx)
             train_images, train_labels = train_images[keep], train_labels[keep]
         if n_va is not None and n_va < val_images.shape[0]:
-            keep = torch.from_numpy(stratified_subset(val_labels, n_va, self.seed, salt=1))
+            keep = torch.from_numpy(stratified_subset(val_labels, n_va, self.seed, salt=VAL_SALT))
             val_images, val_labels = val_images[keep], val_labels[keep]
         self.name = name
+        self.train_indices, self.holdout_indices = train_idx, holdout_idx
         self._train = (train_images.contiguous(), train_labels.contiguous())
         self._val = (val_images.contiguous(), val_labels.contiguous())
+        self._holdout = (held[0].contiguous(), held[1].contiguous())
+        self.num_holdout = int(held[1].shape[0])
         self.num_classes = int(num_classes)
         self.class_names = list(class_names)
         self.out_channels = out_channels or int(train_images.shape[1])
@@ -260,7 +362,7 @@ class TensorBundle(DataBundle):
         self.std = tuple(float(s) for s in std)
         self.source = source
         self.augment_spec = augment
-        # device string -> (train_x, train_y, val_x, val_y); the data is moved to a device only once.
+        # device string -> (train_x, train_y, val_x, val_y, holdout_x, holdout_y); moved only once.
         self._on_device: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @property
@@ -270,6 +372,15 @@ class TensorBundle(DataBundle):
     @property
     def val_labels(self) -> torch.Tensor:
         return self._val[1]
+
+    @property
+    def holdout_labels(self) -> torch.Tensor | None:
+        return self._holdout[1] if self.num_holdout else None
+
+    @property
+    def holdout_images(self) -> torch.Tensor | None:
+        """uint8 (num_holdout, C, H, W) CPU tensor (official train images), or None without a holdout."""
+        return self._holdout[0] if self.num_holdout else None
 
     @property
     def train_images(self) -> torch.Tensor:
@@ -286,7 +397,7 @@ class TensorBundle(DataBundle):
             dev = torch.device("cuda", torch.cuda.current_device())
         key = str(dev)
         if key not in self._on_device:
-            self._on_device[key] = tuple(t.to(dev) for t in (*self._train, *self._val))
+            self._on_device[key] = tuple(t.to(dev) for t in (*self._train, *self._val, *self._holdout))
         return self._on_device[key]
 
     def train_loader(
@@ -311,7 +422,7 @@ class TensorBundle(DataBundle):
         if self.check_pipeline(pipeline) == "classic":
             x, y = self._train
             return ClassicLoader(x, y, batch_size, device=device, num_workers=num_workers, **options)
-        x, y, _, _ = self._tensors(device)
+        x, y = self._tensors(device)[0:2]
         return InMemoryLoader(x, y, batch_size, **options)
 
     def val_loader(
@@ -323,18 +434,38 @@ class TensorBundle(DataBundle):
         world_size: int = 1,
         pipeline: str | None = None,
     ) -> InMemoryLoader | ClassicLoader:
+        return self._eval_loader(self._val, 2, batch_size, device, num_workers, rank, world_size, pipeline)
+
+    def holdout_loader(
+        self,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        num_workers: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        pipeline: str | None = None,
+    ) -> InMemoryLoader | ClassicLoader | None:
+        if not self.num_holdout:
+            return None
+        return self._eval_loader(self._holdout, 4, batch_size, device, num_workers, rank, world_size, pipeline)
+
+    def _eval_loader(
+        self, split: tuple[torch.Tensor, torch.Tensor], slot: int, batch_size: int, device: str | torch.device,
+        num_workers: int | None, rank: int, world_size: int, pipeline: str | None,
+    ) -> InMemoryLoader | ClassicLoader:
+        """Fixed order, no augmentation: ``split`` (CPU) or its copy at ``slot`` of ``_tensors``."""
         options: dict[str, Any] = dict(
             mean=self.mean, std=self.std, shuffle=False, drop_last=False, augment=None, seed=self.seed,
             out_channels=self.out_channels, rank=rank, world_size=world_size,
         )
         if self.check_pipeline(pipeline) == "classic":
-            x, y = self._val
+            x, y = split
             return ClassicLoader(x, y, batch_size, device=device, num_workers=num_workers, **options)
-        _, _, x, y = self._tensors(device)
+        x, y = self._tensors(device)[slot:slot + 2]
         return InMemoryLoader(x, y, batch_size, **options)
 
 
-_COMMON = ("root", "download", "train_subset", "val_subset", "seed")
+_COMMON = ("root", "download", "train_subset", "val_subset", "seed", "holdout")
 
 
 def build_data(
@@ -344,6 +475,7 @@ def build_data(
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
+    holdout: int | float | None = None,
     **dataset_kwargs: Any,
 ) -> DataBundle:
     """Build the named dataset.
@@ -355,6 +487,8 @@ def build_data(
         train_subset / val_subset: use a seeded class-balanced subset of this many samples;
             ``idx`` then counts positions inside the subset.
         seed: chooses the subsets and is the loaders' default shuffle/augmentation seed.
+        holdout: carve a seeded class-balanced holdout from the train split first (an int count or
+            a float fraction in (0, 1); None/0: none); ``train_subset`` is drawn from the rest.
         **dataset_kwargs: dataset-specific options (e.g. ``image_size`` for imagenet).
     """
     builder = DATASETS.get(name)
@@ -367,7 +501,11 @@ def build_data(
                 f"dataset {name!r} does not accept option(s) {', '.join(unknown)}; "
                 f"its options are: {', '.join(valid) or '(none)'}"
             )
+    takes_holdout = "holdout" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if holdout is not None and not takes_holdout:
+        raise ConfigError(f"dataset {name!r} does not support dataset.holdout; set dataset.holdout=null")
+    extra = {"holdout": holdout} if takes_holdout else {}
     return builder(
         root=root, download=bool(download), train_subset=train_subset, val_subset=val_subset,
-        seed=int(seed), **dataset_kwargs,
+        seed=int(seed), **extra, **dataset_kwargs,
     )

@@ -102,7 +102,7 @@ def _to_tensors(ds: Any, name: str, split: str, num_classes: int, folder: Path) 
 def _build(
     name: str, tv_cls: type[CIFAR10], num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
     *, root: str | os.PathLike[str] | None, download: bool, train_subset: int | None, val_subset: int | None,
-    seed: int, check_md5: bool, padding: int,
+    seed: int, check_md5: bool, padding: int, holdout: int | float | None,
 ) -> TensorBundle:
     base = resolve_root(root)
     folder = base / tv_cls.base_folder
@@ -116,7 +116,7 @@ def _build(
         name=name, train_images=xtr, train_labels=ytr, val_images=xva, val_labels=yva,
         num_classes=num_classes, class_names=classes, mean=mean, std=std, source=str(folder),
         augment=AugmentSpec(padding=padding, flip=True), seed=seed,
-        train_subset=train_subset, val_subset=val_subset,
+        train_subset=train_subset, val_subset=val_subset, holdout=holdout,
     )
 
 
@@ -128,14 +128,16 @@ def build_cifar100(
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
+    holdout: int | float | None = None,
     check_md5: bool = False,
     padding: int = 4,
 ) -> TensorBundle:
     """CIFAR-100 (fine labels) from ``<root>/cifar-100-python/{train,test,meta}``; val = the test set,
-    as in the published KD tables. Train augmentation: RandomCrop(32, padding=4) + horizontal flip."""
+    as in the published KD tables (``holdout`` carves a tuning split from the 50k train set instead).
+    Train augmentation: RandomCrop(32, padding=4) + horizontal flip."""
     return _build(
         "cifar100", CIFAR100, 100, CIFAR100_MEAN, CIFAR100_STD, root=root, download=download,
-        train_subset=train_subset, val_subset=val_subset, seed=seed, check_md5=check_md5, padding=padding,
+        train_subset=train_subset, val_subset=val_subset, seed=seed, check_md5=check_md5, padding=padding, holdout=holdout,
     )
 
 
@@ -147,11 +149,12 @@ def build_cifar10(
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
+    holdout: int | float | None = None,
     check_md5: bool = False,
     padding: int = 4,
 ) -> TensorBundle:
     """CIFAR-10 from ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``."""
     return _build(
         "cifar10", CIFAR10, 10, CIFAR10_MEAN, CIFAR10_STD, root=root, download=download,
-        train_subset=train_subset, val_subset=val_subset, seed=seed, check_md5=check_md5, padding=padding,
+        train_subset=train_subset, val_subset=val_subset, seed=seed, check_md5=check_md5, padding=padding, holdout=holdout,
     )

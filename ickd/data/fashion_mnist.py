@@ -166,11 +166,12 @@ def build_fashion_mnist(
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
+    holdout: int | float | None = None,
     image_size: int = 28,
     channels: int = 1,
     padding: int = 2,
 ) -> TensorBundle:
-    """Fashion-MNIST, 10 classes, val = the 10k test set.
+    """Fashion-MNIST, 10 classes, val = the 10k test set; ``holdout`` is carved from the 60k train set.
 
     Options: ``image_size`` resizes once at load (28 keeps originals); ``channels=3`` replicates the
     grey channel per batch for RGB networks. Train augmentation: RandomCrop(size, padding=2) + flip.
@@ -187,5 +188,5 @@ def build_fashion_mnist(
         val_images=_resize(xva, image_size), val_labels=yva, num_classes=len(CLASSES), class_names=CLASSES,
         mean=FASHION_MNIST_MEAN * channels, std=FASHION_MNIST_STD * channels, source=str(folder),
         augment=AugmentSpec(padding=padding, flip=True), seed=seed,
-        train_subset=train_subset, val_subset=val_subset, out_channels=channels,
+        train_subset=train_subset, val_subset=val_subset, out_channels=channels, holdout=holdout,
     )

@@ -20,7 +20,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ickd.data.base import DATASETS, DataBundle, check_subset, resolve_root, stratified_subset
+from ickd.data.base import DATASETS, VAL_SALT, DataBundle, check_subset, resolve_root, split_train, stratified_subset
 from ickd.data.loader import (
     STREAM_AUGMENT,
     STREAM_ORDER,
@@ -202,14 +202,18 @@ class FolderLoader:
 
 
 class ImageFolderBundle(DataBundle):
-    """train/ and val/ image folders with ImageNet-style transforms."""
+    """train/ and val/ image folders with ImageNet-style transforms; an optional holdout is a list of
+    train/ images (evaluated with the val transform)."""
 
     def __init__(
         self, *, name: str, train: IndexedImageFolder, val: IndexedImageFolder, classes: list[str],
-        image_size: int, source: str, seed: int, default_workers: int,
+        image_size: int, source: str, seed: int, default_workers: int, holdout: IndexedImageFolder | None = None,
     ) -> None:
         self.name = name
-        self.train_set, self.val_set = train, val
+        self.train_set, self.val_set, self.holdout_set = train, val, holdout
+        self.num_holdout = len(holdout) if holdout is not None else 0
+        self.holdout_indices = holdout.indices if holdout is not None else None
+        self.train_indices = train.indices if holdout is not None or len(train) < len(train.folder) else None
         self.num_classes = len(classes)
         self.class_names = classes
         self.in_channels = 3
@@ -227,6 +231,10 @@ class ImageFolderBundle(DataBundle):
     @property
     def val_labels(self) -> torch.Tensor:
         return self.val_set.labels
+
+    @property
+    def holdout_labels(self) -> torch.Tensor | None:
+        return self.holdout_set.labels if self.holdout_set is not None else None
 
     def _workers(self, num_workers: int | None) -> int:
         n = self.default_workers if num_workers is None else num_workers
@@ -256,6 +264,18 @@ class ImageFolderBundle(DataBundle):
             device=device, num_workers=self._workers(num_workers), rank=rank, world_size=world_size,
         )
 
+    def holdout_loader(
+        self, batch_size: int, device: str | torch.device = "cpu", num_workers: int | None = None,
+        rank: int = 0, world_size: int = 1, pipeline: str | None = None,
+    ) -> FolderLoader | None:
+        if self.holdout_set is None:
+            return None
+        self.check_pipeline(pipeline)
+        return FolderLoader(
+            self.holdout_set, batch_size, shuffle=False, drop_last=False, augment=False, seed=self.seed,
+            device=device, num_workers=self._workers(num_workers), rank=rank, world_size=world_size,
+        )
+
 
 def _check_split_dir(split_dir: Path, split: str) -> None:
     if not split_dir.is_dir():
@@ -281,6 +301,7 @@ def build_imagenet(
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
+    holdout: int | float | None = None,
     image_size: int = 224,
     resize_size: int | None = None,
     num_workers: int | None = None,
@@ -290,6 +311,7 @@ def build_imagenet(
     Train: RandomResizedCrop(image_size) + flip; val: Resize(resize_size, default image_size*256/224)
     + CenterCrop(image_size); both normalised with the ImageNet mean/std. ``download`` is not
     possible (ImageNet needs a licence); ``num_workers`` sets the loaders' default worker count.
+    ``holdout`` carves a class-balanced list of train/ images (val transform) before ``train_subset``.
     """
     if download:
         raise ConfigError(
@@ -317,16 +339,16 @@ def build_imagenet(
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
 
-    def indexed(folder: ImageFolder, subset: int | None, what: str, salt: int) -> IndexedImageFolder:
-        n = check_subset(subset, len(folder), what, "imagenet")
-        idx = stratified_subset(np.asarray(folder.targets), n, seed, salt) if n and n < len(folder) else None
-        return IndexedImageFolder(folder, idx, train_tf, eval_tf)
+    n_va = check_subset(val_subset, len(val_folder), "val_subset", "imagenet")
+    val_idx = stratified_subset(np.asarray(val_folder.targets), n_va, seed, VAL_SALT) if n_va and n_va < len(val_folder) else None
+    train_idx, holdout_idx = split_train(np.asarray(train_folder.targets), holdout, train_subset, seed, "imagenet")
 
     default_workers = min(8, os.cpu_count() or 1) if num_workers is None else int(num_workers)
     return ImageFolderBundle(
         name="imagenet",
-        train=indexed(train_folder, train_subset, "train_subset", 0),
-        val=indexed(val_folder, val_subset, "val_subset", 1),
+        train=IndexedImageFolder(train_folder, train_idx, train_tf, eval_tf),
+        val=IndexedImageFolder(val_folder, val_idx, train_tf, eval_tf),
+        holdout=IndexedImageFolder(train_folder, holdout_idx, train_tf, eval_tf) if holdout_idx is not None else None,
         classes=list(train_folder.classes), image_size=image_size, source=str(base), seed=seed,
         default_workers=default_workers,
     )

@@ -43,6 +43,7 @@ def build_synthetic(
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
+    holdout: int | float | None = None,
     num_classes: int = 10,
     num_train: int = 512,
     num_val: int = 128,
@@ -73,5 +74,5 @@ def build_synthetic(
         mean=mean, std=std,
         source=f"synthetic(num_classes={num_classes}, image_size={image_size}, data_seed={data_seed})",
         augment=AugmentSpec(padding=pad, flip=True), seed=seed,
-        train_subset=train_subset, val_subset=val_subset,
+        train_subset=train_subset, val_subset=val_subset, holdout=holdout,
     )

@@ -26,10 +26,12 @@ class RetrievalSpec:
     split: str = "topk"
     k_pos: int | None = None
     k_neg: int | None = None
+    retrieval: str = "knn"  # knn | random (the random-neighbour ablation, memory.retrieval)
 
     def retrieve(self, bank: MemoryBank, feats: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor | None) -> Neighbours:
         return bank.retrieve(
-            feats, self.k, labels, exclude_indices=idx, split=self.split, k_pos=self.k_pos, k_neg=self.k_neg
+            feats, self.k, labels, exclude_indices=idx, split=self.split, k_pos=self.k_pos, k_neg=self.k_neg,
+            retrieval=self.retrieval,
         )
 
 
@@ -101,9 +103,13 @@ class Distiller(nn.Module):
         if source is None or not self.banks:
             return
         bank = next(iter(self.banks.values()))
+        # The pass stores untransformed features; finish_fill sets the feature transform's mean
+        # (and whitening) from the filled bank exactly and transforms the entries once.
+        bank.begin_fill()
         for x, y, idx in batches:
             logits, feats = source(x)
             bank.fill(idx, feats.float(), logits.float(), y)
+        bank.finish_fill()
 
     def distil(self, logits, teacher_logits, teacher_feats, y, idx, epoch, bank: MemoryBank | None, prefix: str = ""):
         """The method's losses for one student: retrieve its neighbours from ``bank`` (queried with

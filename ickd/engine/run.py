@@ -17,8 +17,7 @@ from ickd.data import build_data
 from ickd.distill import build_distiller
 from ickd.engine import distributed
 from ickd.engine.callbacks import Callback
-from ickd.engine.checkpoint import atomic_write_text
-from ickd.engine.trainer import Trainer, TrainerConfig, resolve_device, seed_everything
+from ickd.engine.trainer import Trainer, TrainerConfig, resolve_device, seed_everything, write_config_yaml
 from ickd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,7 @@ def build_data_from_config(cfg: Mapping[str, Any]):
         train_subset=ds.get("train_subset"),
         val_subset=ds.get("val_subset"),
         seed=int(ds.get("subset_seed", 0)),
+        holdout=ds.get("holdout"),
         **dict(ds.get("kwargs") or {}),
     )
 
@@ -85,8 +85,6 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
             f"(N={data.num_train}); use memory.size=null (the whole set) or a value <= {data.num_train}"
         )
     distiller = build_distiller(config, data.num_classes, data.in_channels, data.num_train, device)
-    if dist_env.is_main:
-        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     trainer = Trainer(
         distiller,
         data,
@@ -101,5 +99,12 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
         device=device,
         dist_env=dist_env,
     )
-    log.info("run %s: %s, %d train / %d val samples, output %s", trainer.run_info.name, data.source, data.num_train, data.num_val, out)
+    # A resumed run's config.yaml is written by Trainer.resume once its config check passed: a refused
+    # resume must not relabel the run folder.
+    if dist_env.is_main and trainer.find_resume_checkpoint() is None:
+        write_config_yaml(out / "config.yaml", config)
+    log.info(
+        "run %s: %s, %d train / %d holdout / %d test samples, output %s",
+        trainer.run_info.name, data.source, data.num_train, getattr(data, "num_holdout", 0), data.num_val, out,
+    )
     return trainer.fit()

@@ -32,6 +32,81 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 
+# Config keys a resumed run may change (a key matches itself and everything under it): they change
+# how long, where, how fast or how visibly a run trains, never what it trains, so the resumed run is
+# still the run its folder is labelled as. `memory.backend` & co. pick among exact-equivalent
+# searches or a declared approximation (faiss_ivf). Every other key (method, models, teacher
+# checkpoint, data, optimiser, seed, batch limits) must equal the checkpoint's: otherwise resuming
+# would silently relabel the run (docs/design.md, "Resume safety").
+RESUME_MUTABLE_KEYS = (
+    "trainer.epochs", "trainer.progress", "trainer.resume", "trainer.resume_config_check", "trainer.threads",
+    "trainer.num_workers", "trainer.eval_batch_size", "trainer.eval_every", "trainer.checkpoint_every",
+    "trainer.nonfinite_check_every", "trainer.device", "trainer.pipeline", "trainer.step",
+    "logger", "name", "hydra",
+    "memory.backend", "memory.nlist", "memory.nprobe", "memory.use_gpu",
+)
+RESUME_DIFFS_SHOWN = 10
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_ABSENT = _Absent()  # a key one of the two configs does not have
+
+
+def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` as JSON data (dicts, lists, strings, numbers, bools, None): what a checkpoint stores
+    (``torch.load(weights_only=True)`` reads it back) and what resume compares."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, Mapping) and config:
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: config}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def resume_mutable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MUTABLE_KEYS)
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, checkpoint's value, this run's value) for every key outside
+    ``RESUME_MUTABLE_KEYS`` that differs; method/model names first, so the headline change shows."""
+    old, new = _flatten(plain_config(saved)), _flatten(plain_config(current))
+    keys = [k for k in set(old) | set(new) if not resume_mutable(k) and not _same(old.get(k, _ABSENT), new.get(k, _ABSENT))]
+    keys.sort(key=lambda k: (not (k == "stage" or k.endswith(".name")), k))
+    return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys]
+
+
+def format_differences(diffs: list[tuple[str, Any, Any]], shown: int = RESUME_DIFFS_SHOWN) -> str:
+    def value(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    lines = [f"  {k}: {value(a)} -> {value(b)}" for k, a, b in diffs[:shown]]
+    if len(diffs) > shown:
+        lines.append(f"  and {len(diffs) - shown} more")
+    return "\n".join(lines)
+
+
+def write_config_yaml(path: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """The run folder's ``config.yaml``: its label (what `ickd report` and users read)."""
+    from omegaconf import OmegaConf
+
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(dict(config))))
+
 
 class _Interrupted(Exception):
     """A callback asked to stop mid-epoch; carries the epoch's progress for the checkpoint."""
@@ -60,6 +135,7 @@ class TrainerConfig:
     nonfinite_check_every: int | None = None  # batches between NaN/inf checks (each syncs the device); None: 1 on CPU, 50 on CUDA
     pipeline: str = "auto"          # auto (the dataset's default) | device | classic
     step: str = "auto"              # auto (graph on CUDA when the step allows it) | eager | graph
+    resume_config_check: bool = True  # refuse to resume a checkpoint written under another config (RESUME_MUTABLE_KEYS may differ)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "TrainerConfig":
@@ -72,6 +148,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.epochs={tc.epochs} and trainer.batch_size={tc.batch_size} must be > 0")
         if tc.step not in STEP_MODES:
             raise ConfigError(f"trainer.step={tc.step!r} is not valid; use one of: {', '.join(STEP_MODES)}")
+        if not isinstance(tc.resume_config_check, bool):
+            raise ConfigError(f"trainer.resume_config_check={tc.resume_config_check!r} must be true or false")
         if tc.nonfinite_check_every is not None and int(tc.nonfinite_check_every) < 1:
             raise ConfigError(f"trainer.nonfinite_check_every={tc.nonfinite_check_every} must be >= 1 or null (auto)")
         return tc
@@ -122,6 +200,23 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _best_of(history: Iterable[Mapping[str, Any]], key: str) -> float | None:
+    """Max of ``key`` over the epochs that report it (None when none does)."""
+    values = [m[key] for m in history if isinstance(m.get(key), (int, float))]
+    return max(values) if values else None
+
+
+def _at_selected_epoch(history: Iterable[Mapping[str, Any]], key: str) -> float | None:
+    """``key`` at the epoch selection picked: the first epoch with the highest ``val/top1`` (the
+    epoch best.pt holds). From the history, so a resumed run gives the same answer."""
+    best, value = -1.0, None
+    for m in history:
+        top1 = m.get("val/top1")
+        if isinstance(top1, (int, float)) and top1 > best:
+            best, value = top1, m.get(key)
+    return value
+
+
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int]) -> list[torch.Tensor]:
     maxk = min(max(ks), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices
@@ -131,6 +226,11 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int]) 
 
 class Trainer:
     """Train ``distiller`` on ``data`` (an :class:`ickd.data.DataBundle`) into ``out_dir``."""
+
+    # The config this run's checkpoints record and its config.yaml shows: the resolved run config,
+    # or, after a resume that kept going past differences (trainer.resume_config_check=false), the
+    # checkpoint's own; None until resume decides (then run_config is used).
+    _label_config: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -199,6 +299,9 @@ class Trainer:
         self._loader_kw = {"device": self.device, "num_workers": trainer_cfg.num_workers, "pipeline": self.pipeline, **self._shard}
         self.train_loader = data.train_loader(batch, shuffle=True, augment=True, seed=seed, **self._loader_kw)
         self.val_loader = data.val_loader(self._eval_batch, **self._loader_kw)
+        # dataset.holdout: a split of the train set; with one, it (not the test set) selects best.pt.
+        self.holdout_loader = data.holdout_loader(self._eval_batch, **self._loader_kw) if getattr(data, "num_holdout", 0) else None
+        self.selection_split = "holdout" if self.holdout_loader is not None else "test"
 
     # --- one step ----------------------------------------------------------------------------
     def _resolve_step_mode(self) -> str:
@@ -343,14 +446,11 @@ class Trainer:
             )
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        models = self.distiller.eval_models()
-        for model in models.values():
-            model.eval()
+    def _accuracy(self, loader: Any, models: Mapping[str, torch.nn.Module]) -> dict[str, tuple[float, float]]:
+        """Model name -> (top-1, top-5) in percent over ``loader`` (all ranks' shards together)."""
         counts = {name: [torch.zeros((), device=self.device) for _ in range(2)] for name in models}
         total = 0
-        for x, y, _ in self.val_loader:
+        for x, y, _ in loader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
@@ -360,15 +460,35 @@ class Trainer:
                     counts[name][0] += c1
                     counts[name][1] += c5
             total += y.shape[0]
-        if self.dist.world_size > 1:  # each rank evaluated its shard of the val split
+        if self.dist.world_size > 1:  # each rank evaluated its shard of the split
             packed = torch.stack([c.float() for name in models for c in counts[name]] + [torch.tensor(float(total), device=self.device)])
             distributed.all_reduce_sum(packed)
             counts = {name: [packed[2 * i], packed[2 * i + 1]] for i, name in enumerate(models)}
             total = int(packed[-1].item())
+        return {name: (100.0 * c[0].item() / max(1, total), 100.0 * c[1].item() / max(1, total)) for name, c in counts.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """``test/*`` (the dataset's test split), ``holdout/*`` (with dataset.holdout) and ``val/*``:
+        the selection split (holdout when there is one, else test) that picks best.pt and
+        ``best_top1``. Extra models (online peers, EMA) report ``val_<name>/*`` on the selection
+        split, plus ``test_<name>/top1`` when that is the holdout."""
+        metrics: dict[str, float] = {}
+        models = self.distiller.eval_models()
+        for model in models.values():
+            model.eval()
+        test = self._accuracy(self.val_loader, models)
+        held = self._accuracy(self.holdout_loader, models) if self.holdout_loader is not None else None
+        selection = held if held is not None else test
         for i, name in enumerate(models):
+            if i == 0:
+                metrics["test/top1"], metrics["test/top5"] = test[name]
+                if held is not None:
+                    metrics["holdout/top1"], metrics["holdout/top5"] = held[name]
+            elif held is not None:
+                metrics[f"test_{name}/top1"] = test[name][0]
             prefix = "val" if i == 0 else f"val_{name}"
-            metrics[f"{prefix}/top1"] = 100.0 * counts[name][0].item() / max(1, total)
-            metrics[f"{prefix}/top5"] = 100.0 * counts[name][1].item() / max(1, total)
+            metrics[f"{prefix}/top1"], metrics[f"{prefix}/top5"] = selection[name]
         return metrics
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -384,7 +504,43 @@ class Trainer:
             "history": self.history,
             "rng": rng_state(),
             "run_name": self.run_info.name,
+            "run_config": self._recorded_config(),  # None: run without a config (checked on resume)
         }
+
+    def _recorded_config(self) -> dict[str, Any] | None:
+        if self._label_config is not None:
+            return self._label_config
+        return plain_config(self.run_info.config) if self.run_info.config else None
+
+    def _check_resume_config(self, path: Path, saved: Mapping[str, Any] | None) -> None:
+        """Refuse (CheckpointError, exit 2) to continue a checkpoint written under another config:
+        it would relabel the run. Only RESUME_MUTABLE_KEYS may differ."""
+        current = self.run_info.config
+        if not current:
+            return  # a Trainer built without its run config (library use): nothing to compare
+        if saved is None:
+            log.warning(
+                "checkpoint %s records no run config (written before ickd checked resumes): cannot check that "
+                "this run continues the same config; continuing", path,
+            )
+            return
+        diffs = config_differences(saved, current)
+        if not diffs:
+            return
+        listing = format_differences(diffs)
+        if self.cfg.resume_config_check:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this run's config (checkpoint -> now):\n{listing}\n"
+                "Resuming would continue that run under another label. Resume with the original config, use a new run "
+                "folder (hydra.run.dir=...), set trainer.resume=never to start afresh, or trainer.resume_config_check=false "
+                "to continue anyway (the run keeps its original label)."
+            )
+        # Continue, but keep recording (and showing in config.yaml) the config the run started with.
+        self._label_config = plain_config(saved)
+        log.warning(
+            "resuming %s although its config differs (trainer.resume_config_check=false); the run keeps its original "
+            "label and config.yaml:\n%s", path, listing,
+        )
 
     def save(self, epoch: int, is_best: bool, partial: dict[str, Any] | None = None) -> None:
         if not self.dist.is_main:  # all ranks hold the same state; rank 0 writes it
@@ -415,6 +571,7 @@ class Trainer:
         state = load_checkpoint(path, map_location=self.device)
         if state.get("version") != CHECKPOINT_VERSION or "distiller" not in state:
             raise CheckpointError(f"{path} is not an ickd training checkpoint (version {state.get('version')}); resume from a checkpoints/last.pt written by ickd")
+        self._check_resume_config(path, state.get("run_config"))
         try:
             self.distiller.load_training_state(state["distiller"])
         except (RuntimeError, KeyError) as exc:
@@ -435,6 +592,9 @@ class Trainer:
         lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.history)
         if self.dist.is_main:
             atomic_write_text(self.out_dir / "metrics.jsonl", lines)
+            label = self._recorded_config()
+            if label is not None:  # only now that the config check passed (run.py skips it on resume)
+                write_config_yaml(self.out_dir / "config.yaml", label)
         where = f", batch {self.partial['step']}" if self.partial else ""
         log.info("resumed from %s at epoch %d%s", path, self.start_epoch, where)
 
@@ -478,16 +638,27 @@ class Trainer:
                 is_best = top1 > self.best_top1
                 self.best_top1 = max(self.best_top1, top1)
                 metrics["val/best_top1"] = self.best_top1
+                for split in ("test", "holdout"):  # running bests (W&B summaries, the literature's best test)
+                    best = _best_of([*self.history, metrics], f"{split}/top1")
+                    if best is not None:
+                        metrics[f"{split}/best_top1"] = best
                 self.history.append(metrics)
                 saved = (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs or is_best
                 if saved:
                     self.save(epoch + 1, is_best)
                 self.callbacks.on_epoch_end(epoch + 1, metrics)
                 last = metrics
-                log.info(
-                    "epoch %d/%d loss %.4f val top1 %.2f (best %.2f) %.1fs",
-                    epoch + 1, self.cfg.epochs, metrics.get("train/loss", math.nan), top1, self.best_top1, metrics["time/epoch_s"],
-                )
+                loss = metrics.get("train/loss", math.nan)
+                if self.holdout_loader is not None:
+                    log.info(
+                        "epoch %d/%d loss %.4f holdout top1 %.2f (best %.2f) test top1 %.2f %.1fs",
+                        epoch + 1, self.cfg.epochs, loss, top1, self.best_top1, metrics.get("test/top1", math.nan), metrics["time/epoch_s"],
+                    )
+                else:
+                    log.info(
+                        "epoch %d/%d loss %.4f test top1 %.2f (best %.2f; no holdout: selection on test) %.1fs",
+                        epoch + 1, self.cfg.epochs, loss, top1, self.best_top1, metrics["time/epoch_s"],
+                    )
                 if epoch + 1 < self.cfg.epochs and self._interrupt_requested():
                     if not saved:
                         self.save(epoch + 1, False)
@@ -509,9 +680,17 @@ class Trainer:
                 "stage": self.run_info.stage,
                 "epochs_completed": len(self.history),
                 "epochs": self.cfg.epochs,
+                # best_top1/last_top1/last_top5: the selection split (holdout if any, else test).
                 "best_top1": self.best_top1 if self.history else None,
                 "last_top1": last.get("val/top1"),
                 "last_top5": last.get("val/top5"),
+                "selection_split": self.selection_split,
+                "num_holdout": int(getattr(self.data, "num_holdout", 0) or 0),
+                "best_holdout_top1": _best_of(self.history, "holdout/top1"),
+                "last_holdout_top1": last.get("holdout/top1"),
+                "last_test_top1": last.get("test/top1"),
+                "best_test_top1": _best_of(self.history, "test/top1"),  # the literature's protocol
+                "test_top1_at_best": _at_selected_epoch(self.history, "test/top1"),
                 "wall_time_s": time.perf_counter() - start,
                 "world_size": self.dist.world_size,
                 "out_dir": str(self.out_dir),
@@ -529,7 +708,12 @@ class Trainer:
         if not self.distiller.banks or self.distiller.bank_fill_source() is None:
             return
         self.distiller.eval()
-        loader = self.data.train_loader(self._eval_batch, shuffle=False, augment=False, **self._loader_kw)
+        # A FIFO bank (M < N) keeps the pass's last M samples: in dataset order that would be the last
+        # classes of a class-sorted set (ImageFolder), so it fills in a seeded shuffled order. Slots of
+        # M = N and random-subset banks do not depend on the order, which stays the dataset's (and a
+        # sharded fixed-order pass keeps every sample, where a shuffled one drops < world_size).
+        shuffle = any(bank.mode == "fifo" for bank in self.distiller.banks.values())
+        loader = self.data.train_loader(self._eval_batch, shuffle=shuffle, augment=False, seed=self.seed, **self._loader_kw)
         loader.set_epoch(0)
         batches = self._progress(loader, len(loader), "filling memory bank")
         if self.dist.world_size > 1:  # each rank fills from its shard; GatheredBank.fill shares the rows

@@ -110,7 +110,8 @@ def _run_progress(out_dir: str | None) -> dict[str, Any]:
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         if lines:
             info["epoch"] = lines[-1].get("epoch")
-            info["best_top1"] = lines[-1].get("val/best_top1")
+            info["best_top1"] = lines[-1].get("val/best_top1")  # the selection split: holdout if any, else test
+            info["test_top1"] = lines[-1].get("test/top1")       # the latest epoch's test top-1 (shown beside it)
     result = folder / "result.json"
     if result.is_file():
         summary = json.loads(result.read_text())
@@ -169,7 +170,7 @@ def print_status(launch: Launch) -> None:
     if launch.kind == "sweep":
         header = ["job", "state", "workers", "trials", "epoch", "run_id"]
     else:
-        header = ["job", "state", "run", "epoch", "best_top1", "starts", "run_id", "out_dir"]
+        header = ["job", "state", "run", "epoch", "best_top1", "test_top1", "starts", "run_id", "out_dir"]
     cells = [[_fmt(row, key) for key in header] for row in table]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
     print("  ".join(h.upper().ljust(w) for h, w in zip(header, widths)))

@@ -317,6 +317,13 @@ class WandbLogger(Callback):
                 "best_top1": summary.get("best_top1"),
                 "last_top1": summary.get("last_top1"),
                 "last_top5": summary.get("last_top5"),
+                # Holdout and test side by side (ickd.engine.trainer: val = the selection split).
+                "selection_split": summary.get("selection_split"),
+                "best_holdout_top1": summary.get("best_holdout_top1"),
+                "last_holdout_top1": summary.get("last_holdout_top1"),
+                "test_top1_at_best": summary.get("test_top1_at_best"),
+                "best_test_top1": summary.get("best_test_top1"),
+                "last_test_top1": summary.get("last_test_top1"),
                 "epochs_completed": summary.get("epochs_completed"),
                 "epochs": summary.get("epochs"),
                 "wall_time_s": summary.get("wall_time_s"),  # this attempt
