@@ -297,3 +297,75 @@ def test_dashboard_serves_the_study_on_loopback(tmp_path, teacher_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# --- distinct sampler seeds, no duplicate parameters ----------------------------------------------
+
+def _cheap_study(tmp_path: Path, teacher_dir: Path, name: str, space: dict, n_trials: int, sampler: dict | None = None) -> StudyHandle:
+    """A study whose trials train one batch: enough to run the whole ask/train/tell path."""
+    path = study_file(tmp_path, teacher_dir, space=space, sampler=sampler or {"name": "tpe", "seed": 0, "n_startup_trials": 10})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"] += ["distill=kd", "trainer.epochs=1", "trainer.max_batches_per_epoch=1"]
+    path.write_text(yaml.safe_dump(spec))
+    return StudyHandle.create(load_spec(path, name=name, n_trials=n_trials), tmp_path / "studies")
+
+
+LR_SPACE = {"optim.lr": "interval(0.01, 0.2)"}
+
+
+def test_two_workers_started_with_the_same_index_sample_different_params(tmp_path, teacher_dir):
+    handle = _cheap_study(tmp_path, teacher_dir, "same_index", LR_SPACE, n_trials=10)
+    cmd = [sys.executable, "-m", "ickd.sweep.worker", str(handle.dir), "--index", "0", "--max-trials", "2"]
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    done = trials(handle)
+    assert len(done) == 4 and all(t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs for t in done)
+    assert len({t.params["optim.lr"] for t in done}) == 4  # no replayed seed stream
+    slots = {t.user_attrs["worker_pid"]: (t.user_attrs["worker_slot"], t.user_attrs["sampler_seed"]) for t in done}
+    assert sorted(slots.values()) == [(0, 0), (1, 1)]  # one slot each; seed = sampler.seed + slot
+    assert sorted(p.name for p in (handle.dir / "workers" / "claims").iterdir()) == ["0", "1"]
+    assert sum("slot 0, sampler seed 0" in log for log in logs) == 1 and sum("slot 1, sampler seed 1" in log for log in logs) == 1
+
+
+def test_a_fresh_single_worker_is_reproducible_and_a_restarted_one_samples_anew(tmp_path, teacher_dir):
+    first = _cheap_study(tmp_path, teacher_dir, "r1", LR_SPACE, n_trials=10)
+    second = _cheap_study(tmp_path, teacher_dir, "r2", LR_SPACE, n_trials=10)
+    for handle in (first, second):
+        run_worker(str(handle.dir), max_trials=2)
+    a, b = trials(first), trials(second)
+    assert [t.params for t in a] == [t.params for t in b]  # same seed, same slot 0: same params
+    assert {(t.user_attrs["worker_slot"], t.user_attrs["sampler_seed"]) for t in a + b} == {(0, 0)}
+    run_worker(str(first.dir), max_trials=1)  # the same worker started again on the same study
+    again = trials(first)[-1]
+    assert (again.user_attrs["worker_slot"], again.user_attrs["sampler_seed"]) == (1, 1)
+    assert again.state == TrialState.COMPLETE and "duplicate_of" not in again.user_attrs
+    assert again.params["optim.lr"] not in {t.params["optim.lr"] for t in a}
+
+
+def test_identical_params_are_never_trained_twice_but_retries_are(tmp_path, teacher_dir):
+    from ickd.sweep.reaper import enqueue_retry
+
+    handle = _cheap_study(tmp_path, teacher_dir, "dup", {"optim.lr": [0.1]}, n_trials=10)  # one point: every trial equal
+    study = handle.study()
+    held = study.ask(fixed_distributions=handle.spec.space)  # trial 0: another worker is training it
+    run_worker(str(handle.dir), max_trials=1)
+    pruned = trials(handle)[1]
+    assert pruned.state == TrialState.PRUNED and pruned.user_attrs["duplicate_of"] == 0
+    assert not handle.trial_dir(1).exists()  # not trained
+    # Trial 0's worker dies; its retry (same params on purpose) trains, and the next equal trial
+    # takes the retry's value without training.
+    study.tell(held, state=TrialState.FAIL)
+    enqueue_retry(study, study.trials[0], "test")
+    run_worker(str(handle.dir), max_trials=2)
+    _, _, retry, copy = trials(handle)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0 and "duplicate_of" not in retry.user_attrs
+    assert (handle.trial_dir(0) / "metrics.jsonl").is_file()
+    assert copy.state == TrialState.COMPLETE and copy.user_attrs["duplicate_of"] == retry.number
+    assert copy.value == retry.value and not copy.intermediate_values
+    assert sorted(p.name for p in (handle.dir / "trials").iterdir()) == ["0000"]
+    status = ickd("sweep", "--root", str(tmp_path / "studies"), "status", "dup").stdout
+    assert f"duplicate of trial {retry.number}" in status

@@ -31,7 +31,7 @@ SHIPPED = [
 
 MINIMAL = {
     "name": "t",
-    "base": list(FAST) + ["distill=ickd"],
+    "base": list(FAST) + ["distill=ickd", "dataset.holdout=64"],
     "space": {"memory.k": "choice(2, 4, 8)", "distill.picd_weight": "interval(0.1, 2.0)"},
 }
 
@@ -64,6 +64,8 @@ def test_shipped_study_loads_and_validates_against_its_composed_base(file):
     assert spec.space and spec.n_trials > 0
     cfg = compose_config(*spec.base, base=[])  # compose only: no dataset or teacher is read
     spec.validate_against(cfg)
+    # Every shipped study tunes on a holdout carved from the training set, never on the test split.
+    assert spec.objective.metric == "holdout/top1" and cfg.dataset.holdout
     assert cfg.distill.name == "ickd"
     # the file round-trips through the study.yaml the lead writes
     again = load_spec(yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=False)))
@@ -78,11 +80,12 @@ def test_main_cifar_studies_search_the_ic_kd_hyperparameters(pair):
     assert f"experiment=cifar100/{pair}" in spec.base and "distill=ickd" in spec.base
     assert set(spec.space) == {"memory.size", "memory.k", "distill.picd_weight", "distill.nicd_weight", "distill.temperature"}
     assert None in spec.space["memory.size"].choices  # M = the whole training set is an option
-    assert spec.objective == Objective("val/top1", "best", "maximize")
+    assert spec.objective == Objective("holdout/top1", "best", "maximize")  # tuned on the holdout, not on test
+    assert "dataset.holdout=5000" in spec.base
     assert isinstance(spec.build_pruner(), optuna.pruners.MedianPruner)
     assert spec.pruner["n_warmup_steps"] >= 20
     cfg = compose_config(*spec.base, base=[])
-    assert cfg.trainer.epochs == 240 and cfg.dataset.name == "cifar100"
+    assert cfg.trainer.epochs == 240 and cfg.dataset.name == "cifar100" and cfg.dataset.holdout == 5000
 
 
 def test_ablations_fix_what_they_switch_off():
@@ -103,6 +106,7 @@ def test_fmnist_quick_study_takes_the_teacher_from_the_environment(monkeypatch, 
     cfg = compose_config(*spec.base, base=[])
     assert cfg.teacher.checkpoint == str(tmp_path / "teacher")
     assert cfg.dataset.name == "fashion_mnist" and cfg.trainer.epochs == 3 and cfg.dataset.train_subset == 5000
+    assert cfg.dataset.holdout == 5000
 
 
 def test_smoke_study_is_small_offline_and_takes_a_later_teacher_override(tmp_path):
@@ -478,8 +482,83 @@ def test_to_dict_round_trip_of_a_full_spec():
 
 def test_defaults():
     spec = load_spec(MINIMAL)
-    assert spec.objective == Objective("val/top1", "best", "maximize")
+    assert spec.objective == Objective("holdout/top1", "best", "maximize")
     assert spec.sampler == {"name": "tpe"} and spec.pruner == {"name": "median"}
     assert spec.storage is None and spec.n_trials == 20
     assert spec.retry == {"max_retries": 2, "max_failures": None} and spec.heartbeat == {"interval_s": 30, "grace_s": 120, "suspend_grace_s": 1800}
     assert spec.raw_space == MINIMAL["space"]
+
+
+# ------------------------------------------------------------------------------------------------
+# tuning on the holdout, not on the test split
+
+
+@pytest.mark.parametrize(
+    "metric, words",
+    [
+        ("test/top1", ["objective test/top1 optimises on the test split", "set dataset.holdout", "objective.metric=holdout/top1"]),
+        ("val/top1", ["objective val/top1 optimises on the test split unless dataset.holdout is set", "objective.metric=holdout/top1"]),
+        ("val_peer/top1", ["objective val_peer/top1 optimises on the test split unless dataset.holdout is set"]),
+        ("holdout/top1", None),
+        ("train/loss", None),
+    ],
+)
+def test_objectives_on_the_test_split_are_warned_about(caplog, metric, words):
+    with caplog.at_level("WARNING", logger="ickd.sweep"):
+        load_spec(spec_with(objective={"metric": metric}))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if words is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and all(w in warnings[0] for w in words), warnings
+
+
+def test_holdout_objective_without_a_holdout_is_rejected_at_creation():
+    spec = load_spec(spec_with(base=list(FAST) + ["distill=ickd"]))  # no dataset.holdout
+    with pytest.raises(SpecError, match=r"objective.metric=holdout/top1 needs a holdout.*dataset.holdout=5000"):
+        spec.validate_against(compose_config(*spec.base, base=[]))
+    spec.validate_against(compose_config(*spec.base, "dataset.holdout=0.1", base=[]))
+
+
+def test_a_real_study_tells_optuna_the_holdout_metric_never_the_test_metric(tmp_path):
+    """Two 1-epoch trials on the synthetic dataset: every value Optuna receives (intermediate and
+    final) is the run's holdout/top1, which is not its test/top1."""
+    import json
+    from pathlib import Path
+
+    from optuna.trial import TrialState
+
+    from ickd.sweep.studies import StudyHandle
+    from ickd.sweep.worker import run_worker
+
+    data = {
+        "name": "honest",
+        "base": [*FAST, "stage=teacher", "model=resnet8", "dataset.holdout=64", "trainer.epochs=1",
+                 "trainer.max_batches_per_epoch=3"],
+        "space": {"optim.lr": "choice(0.02, 0.2)"},
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "n_trials": 2,
+    }
+    spec = load_spec(data)
+    assert spec.objective.metric == "holdout/top1"  # the default
+    spec.validate_against(compose_config(*spec.base, base=[]))
+    handle = StudyHandle.create(spec, tmp_path / "studies")
+    study = handle.study()
+    for lr in (0.02, 0.2):
+        study.enqueue_trial({"optim.lr": lr})
+    run_worker(str(handle.dir))
+    trials = handle.study().get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    pairs = []
+    for t in trials:
+        run_dir = Path(t.user_attrs["run_dir"])
+        (epoch,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["selection_split"] == "holdout" and result["num_holdout"] == 64
+        assert t.value == epoch["holdout/top1"] == result["best_holdout_top1"]
+        assert t.intermediate_values == {1: epoch["holdout/top1"]}
+        pairs.append((epoch["holdout/top1"], epoch["test/top1"]))
+    # 64 holdout vs 128 test images: the two splits' accuracies differ, so a test value told to
+    # Optuna could not pass the equalities above.
+    assert any(h != t for h, t in pairs), pairs

@@ -298,3 +298,149 @@ def test_every_experiment_composes_with_every_method(experiment):
         assert cfg.teacher.name and cfg.student.name and cfg.dataset.name in ("cifar100", "imagenet", "fashion_mnist")
         if distill == "dkd":
             assert cfg.distill.beta == cfg.pair.dkd_beta if "pair" in cfg else True
+
+
+# --- resume safety ---------------------------------------------------------------------------
+
+def _one_epoch_run(out: Path, teacher_dir: Path, *overrides: str) -> bytes:
+    """A finished 1-epoch run in ``out``; returns its last.pt bytes."""
+    assert train(compose_config(f"teacher.checkpoint={teacher_dir}", "trainer.epochs=1", *overrides), out)["status"] == "completed"
+    return (out / "checkpoints" / "last.pt").read_bytes()
+
+
+def test_resuming_a_run_folder_with_another_method_or_lr_is_refused_and_names_the_keys(tmp_path, teacher_dir):
+    last = _one_epoch_run(tmp_path, teacher_dir, "distill=ce")
+    label = (tmp_path / "config.yaml").read_text()
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["run_config"]
+    assert saved["distill"]["name"] == "ce" and saved["trainer"]["epochs"] == 1  # the resolved config
+    with pytest.raises(CheckpointError) as info:
+        train(compose_config(f"teacher.checkpoint={teacher_dir}", "distill=kd", "trainer.epochs=2"), tmp_path)
+    message = str(info.value)
+    assert "distill.name: 'ce' -> 'kd'" in message
+    assert message.index("distill.name") < message.index("distill.temperature: (absent) -> 4.0")  # the headline first
+    assert "trainer.epochs" not in message  # may change across a resume
+    assert "trainer.resume=never" in message and "trainer.resume_config_check=false" in message and "hydra.run.dir" in message
+    with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.1 -> 0\.05"):
+        train(compose_config(f"teacher.checkpoint={teacher_dir}", "distill=ce", "optim.lr=0.05", "trainer.epochs=2"), tmp_path)
+    # Refused before anything changed: the folder keeps its label, checkpoint and metrics.
+    assert (tmp_path / "config.yaml").read_text() == label
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == last
+    assert [m["epoch"] for m in _metrics(tmp_path)] == [1]
+
+
+def test_resume_differences_are_listed_up_to_ten_then_counted():
+    from ickd.engine.trainer import config_differences, format_differences
+
+    old = {"optim": {f"k{i:02d}": i for i in range(13)}, "trainer": {"epochs": 1, "max_batches_per_epoch": None}, "logger": {"name": "none"}}
+    new = {"optim": {f"k{i:02d}": i + 1 for i in range(13)}, "trainer": {"epochs": 9, "max_batches_per_epoch": 2}, "logger": {"name": "wandb"}}
+    diffs = config_differences(old, new)
+    assert [k for k, _, _ in diffs] == [f"optim.k{i:02d}" for i in range(13)] + ["trainer.max_batches_per_epoch"]
+    text = format_differences(diffs)
+    assert text.count(" -> ") == 10 and text.endswith("and 4 more")
+
+
+def test_resuming_with_more_epochs_and_other_mutable_keys_continues(tmp_path, teacher_dir):
+    _one_epoch_run(tmp_path, teacher_dir, "distill=ce")
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", "distill=ce", "trainer.epochs=2", "trainer.eval_batch_size=64",
+                         "memory.backend=faiss_flat", "name=renamed")
+    done = train(cfg, tmp_path)
+    assert done["status"] == "completed" and done["resumed_from_epoch"] == 1
+    assert [m["epoch"] for m in _metrics(tmp_path)] == [1, 2]
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["run_config"]
+    assert saved["trainer"]["epochs"] == 2 and saved["name"] == "renamed"  # now records the resumed config
+    assert "epochs: 2" in (tmp_path / "config.yaml").read_text()
+
+
+def test_resume_config_check_false_continues_with_a_warning_and_keeps_the_original_label(tmp_path, teacher_dir, caplog):
+    _one_epoch_run(tmp_path, teacher_dir, "distill=ce")
+    label = (tmp_path / "config.yaml").read_text()
+    cfg = compose_config(f"teacher.checkpoint={teacher_dir}", "distill=ce", "optim.lr=0.05", "trainer.epochs=2",
+                         "trainer.resume_config_check=false")
+    with caplog.at_level("WARNING", logger="ickd.engine.trainer"):
+        done = train(cfg, tmp_path)
+    assert done["status"] == "completed" and done["resumed_from_epoch"] == 1
+    assert "optim.lr: 0.1 -> 0.05" in caplog.text and "resume_config_check=false" in caplog.text
+    assert (tmp_path / "config.yaml").read_text() == label  # still labelled as the run it started as
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["run_config"]
+    assert saved["optim"]["lr"] == 0.1
+
+
+def test_checkpoint_without_a_run_config_resumes_with_a_warning(tmp_path, teacher_dir, caplog):
+    _one_epoch_run(tmp_path, teacher_dir, "distill=ce")
+    path = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["run_config"]  # as written before checkpoints recorded their config
+    torch.save(state, path)
+    with caplog.at_level("WARNING", logger="ickd.engine.trainer"):
+        done = train(compose_config(f"teacher.checkpoint={teacher_dir}", "distill=ce", "optim.lr=0.05", "trainer.epochs=2"), tmp_path)
+    assert done["status"] == "completed" and done["resumed_from_epoch"] == 1
+    assert "records no run config" in caplog.text
+
+
+def test_cli_resume_with_another_config_exits_2_and_names_the_key(tmp_path):
+    args = ["train", "dataset=synthetic", "stage=teacher", "model=resnet8", "trainer.device=cpu", "trainer.progress=off",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    train(compose_config(*args[1:-1], "trainer.epochs=1", base=[]), tmp_path / "run")
+    bad = _cli(*args, "trainer.epochs=2", "optim.lr=0.2", cwd=tmp_path)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "optim.lr: 0.05 -> 0.2" in bad.stderr + bad.stdout and "trainer.resume_config_check=false" in bad.stderr + bad.stdout
+
+
+# ---------------------------------------------------------------- holdout vs test evaluation
+
+
+def _accuracy(model: torch.nn.Module, loader) -> float:
+    model.eval()
+    hit = total = 0
+    with torch.no_grad():
+        for x, y, _ in loader:
+            logits, _ = model(x)
+            hit += int((logits.argmax(1) == y).sum())
+            total += y.shape[0]
+    return 100.0 * hit / total
+
+
+def test_holdout_selects_best_and_the_test_split_is_reported_beside_it(tmp_path):
+    # Online IC-KD: two peers, each with a memory bank, so the extra model's metrics are covered too.
+    cfg = compose_config("distill=ickd", "paradigm=online", "teacher=resnet8", "dataset.holdout=64",
+                         "trainer.epochs=2", "trainer.max_batches_per_epoch=4", "trainer.amp=off")
+    summary = train(cfg, tmp_path)
+    metrics = _metrics(tmp_path)
+    assert summary["status"] == "completed" and len(metrics) == 2  # one metrics line per epoch
+    for m in metrics:
+        for key in ("test/top1", "test/top5", "holdout/top1", "holdout/top5", "val/top1", "val/top5", "val/best_top1",
+                    "test/best_top1", "holdout/best_top1", "val_peer/top1", "test_peer/top1"):
+            assert key in m, (key, sorted(m))
+        assert (m["val/top1"], m["val/top5"]) == (m["holdout/top1"], m["holdout/top5"])  # selection = holdout
+        assert 0 < m["bank_student_entries"] <= 448 and 0 < m["bank_peer_entries"] <= 448
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result == summary
+    holdout, test = [m["holdout/top1"] for m in metrics], [m["test/top1"] for m in metrics]
+    selected = holdout.index(max(holdout))  # the first epoch with the best holdout top-1
+    assert result["selection_split"] == "holdout" and result["num_holdout"] == 64
+    assert result["best_top1"] == result["best_holdout_top1"] == max(holdout)
+    assert result["last_top1"] == result["last_holdout_top1"] == holdout[-1]
+    assert result["last_test_top1"] == test[-1] and result["best_test_top1"] == max(test)
+    assert result["test_top1_at_best"] == test[selected]
+    assert metrics[-1]["test/best_top1"] == max(test) and metrics[-1]["holdout/best_top1"] == max(holdout)
+    # The numbers are what best.pt scores on the two splits: holdout = held-out train images, test = test set.
+    data = build_data_from_config(to_container(cfg))
+    assert (data.num_train, data.num_holdout) == (448, 64)
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == selected + 1 and best["best_acc"] == max(holdout)
+    distiller = build_distiller(to_container(cfg), data.num_classes, data.in_channels, data.num_train, torch.device("cpu"))
+    # The memory banks are addressed by the 448 training samples only: the 64 held out never enter them.
+    assert sorted(distiller.banks) == ["peer", "student"] and all(b.num_samples == 448 for b in distiller.banks.values())
+    distiller.student.load_state_dict(best["model"])
+    assert _accuracy(distiller.student, data.holdout_loader(128)) == pytest.approx(holdout[selected], abs=1e-9)
+    assert _accuracy(distiller.student, data.val_loader(128)) == pytest.approx(test[selected], abs=1e-9)
+
+
+def test_without_holdout_selection_is_on_the_test_split_as_in_the_literature(tmp_path):
+    summary = train(compose_config("stage=teacher", "model=resnet8", "trainer.epochs=1", "trainer.max_batches_per_epoch=2"), tmp_path)
+    (m,) = _metrics(tmp_path)
+    assert "holdout/top1" not in m and "test_student/top1" not in m
+    assert (m["val/top1"], m["val/top5"]) == (m["test/top1"], m["test/top5"])
+    assert summary["selection_split"] == "test" and summary["num_holdout"] == 0
+    assert summary["best_holdout_top1"] is None and summary["last_holdout_top1"] is None
+    assert summary["best_top1"] == summary["best_test_top1"] == summary["test_top1_at_best"] == summary["last_test_top1"] == m["test/top1"]

@@ -146,6 +146,8 @@ def print_status(handle: StudyHandle) -> None:
             worker = f"{t.user_attrs.get('worker_host', '?')}:{t.user_attrs.get('worker_pid', '?')}" + (f", beat {now - beat:.0f}s ago" if beat else "")
         elif t.state == TrialState.FAIL:
             worker = str(t.user_attrs.get("fail_reason", ""))[:60]
+        elif t.user_attrs.get("duplicate_of") is not None:  # not trained: same params as that trial
+            worker = f"duplicate of trial {t.user_attrs['duplicate_of']}"
         params = " | ".join(str(t.params.get(k, "")) for k in keys)
         print(f"| {t.number} | {t.state.name.lower()} | {value} | {params} | {len(t.intermediate_values)} | {worker} |")
 

@@ -11,6 +11,7 @@ import copy
 import difflib
 import importlib.util
 import inspect
+import logging
 import math
 import os
 import re
@@ -28,7 +29,9 @@ from optuna.distributions import BaseDistribution
 from ickd.sweep.space import SpecError, grid_values, parse_dimensions, parse_override
 from ickd.sweep.storage import has_password, password_refusal
 
-__all__ = ["SpecError", "Objective", "StudySpec", "load_spec", "SAMPLERS", "PRUNERS"]
+__all__ = ["SpecError", "Objective", "StudySpec", "load_spec", "objective_split_warning", "SAMPLERS", "PRUNERS"]
+
+log = logging.getLogger(__name__)
 
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler,
@@ -62,9 +65,13 @@ _ABSENT = object()
 
 @dataclass
 class Objective:
-    """What a trial returns: ``metric`` (a key of metrics.jsonl) over epochs, best or last."""
+    """What a trial returns: ``metric`` (a key of metrics.jsonl) over epochs, best or last.
 
-    metric: str = "val/top1"
+    The default tunes on the holdout carved from the training set (``dataset.holdout``), so the
+    sampler never sees a test-set number; ``test/*`` and ``val/*`` objectives are warned about
+    (:func:`objective_split_warning`)."""
+
+    metric: str = "holdout/top1"
     mode: str = "best"
     direction: str = "maximize"
 
@@ -102,7 +109,8 @@ class StudySpec:
         }
 
     def build_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-        """A fresh sampler; its seed is ``sampler.seed + seed_offset`` so parallel workers differ."""
+        """A fresh sampler; its seed is ``sampler.seed + seed_offset``. Workers pass their claimed
+        worker slot (``StudyHandle.claim_worker_slot``), unique per worker process of the study."""
         kwargs = {k: v for k, v in self.sampler.items() if k != "name"}
         name = self.sampler.get("name", "tpe")
         if kwargs.get("seed") is not None:
@@ -116,7 +124,14 @@ class StudySpec:
         return PRUNERS[self.pruner.get("name", "median")](**kwargs)
 
     def validate_against(self, config: DictConfig) -> None:
-        """Every space key must exist in the composed base config (else SpecError with close matches)."""
+        """Every space key must exist in the composed base config (else SpecError with close matches);
+        a ``holdout/*`` objective needs ``dataset.holdout`` set (else no trial could report it)."""
+        holdout = _select(config, "dataset.holdout")
+        if self.objective.metric.startswith("holdout/") and holdout in (None, 0, _ABSENT):
+            raise SpecError(
+                f"study {self.name!r}: objective.metric={self.objective.metric} needs a holdout, but the composed base "
+                "config has dataset.holdout=null; add e.g. `dataset.holdout=5000` (or a fraction such as 0.1) to base"
+            )
         unknown = [k for k in self.space if _select(config, k) is _ABSENT]
         if not unknown:
             return
@@ -150,6 +165,19 @@ class StudySpec:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
+
+def objective_split_warning(metric: str) -> str | None:
+    """The warning for an objective that optimises on the test split, else None: ``test/*`` always
+    is the test split; ``val/*`` (and ``val_<model>/*``) is the holdout only when dataset.holdout is
+    set, otherwise the test split too."""
+    fix = "set dataset.holdout (e.g. dataset.holdout=5000 in base) and objective.metric=holdout/top1, so the test split stays for the final report"
+    if metric.startswith(("test/", "test_")):
+        return f"objective {metric} optimises on the test split (whatever dataset.holdout is); {fix}"
+    if metric.startswith(("val/", "val_")):
+        return (f"objective {metric} optimises on the test split unless dataset.holdout is set (val/* is the holdout "
+                f"when there is one, else the test split); {fix}")
+    return None
 
 
 def _number(x: Any) -> Any:
@@ -325,11 +353,14 @@ def _build(data: dict[str, Any], name: str | None, storage: str | None, n_trials
         raise SpecError(f"objective.{bad[0]} is not a setting; objective has metric, mode ({'|'.join(MODES)}), direction ({'|'.join(DIRECTIONS)})")
     objective = Objective(**{**asdict(Objective()), **obj})
     if not isinstance(objective.metric, str) or not objective.metric:
-        raise SpecError(f"objective.metric must be a key of the per-epoch metrics (e.g. val/top1), got {objective.metric!r}")
+        raise SpecError(f"objective.metric must be a key of the per-epoch metrics (e.g. holdout/top1), got {objective.metric!r}")
     if objective.mode not in MODES:
         raise SpecError(f"objective.mode {objective.mode!r} is invalid; use one of {', '.join(MODES)}")
     if objective.direction not in DIRECTIONS:
         raise SpecError(f"objective.direction {objective.direction!r} is invalid; use one of {', '.join(DIRECTIONS)}")
+    warning = objective_split_warning(objective.metric)
+    if warning:
+        log.warning("study %s: %s", study_name, warning)
 
     # budget, storage, retries, heartbeats
     trials = _positive_int(n_trials if n_trials is not None else data.get("n_trials", 20), "n_trials")

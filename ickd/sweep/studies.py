@@ -1,8 +1,12 @@
 """A study on disk: ``<root>/<name>/`` holds ``study.yaml`` (the frozen study spec), the journal
-storage (by default), one folder per trial (``trials/<number>``) and the workers' logs."""
+storage (by default), one folder per trial (``trials/<number>``), the workers' logs and their slot
+claims (``workers/claims/<slot>``)."""
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +67,28 @@ class StudyHandle:
             sampler=self.spec.build_sampler(seed_offset),
             pruner=self.spec.build_pruner(),
         )
+
+    def claim_worker_slot(self, start: int = 0) -> int:
+        """Claim the lowest free worker slot >= ``start`` for this process, for good.
+
+        A worker seeds its sampler with ``sampler.seed + slot``: two workers started with the same
+        index, or a restarted/requeued worker, must not replay the same seed stream (and so the same
+        parameters). ``O_CREAT | O_EXCL`` on ``workers/claims/<slot>`` makes the claim atomic across
+        processes and hosts (also on NFS v3+, where study folders of SLURM jobs live). The first
+        worker of a fresh study with index 0 gets slot 0, so a single-worker study stays reproducible.
+        """
+        claims = self.dir / "workers" / "claims"
+        claims.mkdir(parents=True, exist_ok=True)
+        slot = max(0, int(start))
+        while True:
+            try:
+                fd = os.open(claims / str(slot), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                slot += 1
+                continue
+            with os.fdopen(fd, "w") as f:  # who claimed it, for people reading the folder
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "index": int(start)}, f)
+            return slot
 
     def trial_dir(self, number: int) -> Path:
         return self.dir / "trials" / f"{number:04d}"

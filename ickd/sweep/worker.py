@@ -134,6 +134,38 @@ def over_budget(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> bool
     return len(earlier) >= n_trials and "retry_of" not in trial.user_attrs
 
 
+def skip_duplicate(study: optuna.Study, trial: optuna.Trial) -> str | None:
+    """Never train the same parameters twice (Optuna FAQ, "How can I ignore duplicated samples?").
+
+    Params equal to a COMPLETE trial's: tell its value without training. Equal to a WAITING trial's,
+    or to a RUNNING trial's that is older (or a retry, which always runs): PRUNED. Either way the
+    trial gets user attribute ``duplicate_of`` and counts in the budget. Returns the state told, or
+    None when the trial must be trained. Retries (``retry_of``) reuse their trial's params on purpose
+    and are never duplicates; the oldest of concurrent equals trains, so two workers never prune each
+    other.
+    """
+    if "retry_of" in trial.user_attrs:
+        return None
+    params = trial.params
+    same = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number and t.params == params]
+    done = [t for t in same if t.state == TrialState.COMPLETE and t.value is not None]
+    pending = [
+        t for t in same
+        if t.state == TrialState.WAITING or (t.state == TrialState.RUNNING and (t.number < trial.number or "retry_of" in t.user_attrs))
+    ]
+    original = min(done or pending, key=lambda t: t.number, default=None)
+    if original is None:
+        return None
+    trial.set_user_attr("duplicate_of", original.number)
+    if done:
+        log.info("trial %d: same params as complete trial %d; told its value %s without training", trial.number, original.number, original.value)
+        tell(study, trial, original.value)
+        return "COMPLETE"
+    log.info("trial %d: same params as %s trial %d; pruned without training", trial.number, original.state.name.lower(), original.number)
+    tell(study, trial, state=TrialState.PRUNED)
+    return "PRUNED"
+
+
 # A worker run by a launcher stops mid-epoch on a preemption signal and leaves its trial RUNNING and
 # *suspended*; its requeued job continues the very same trial from the checkpoint.
 SUSPENDED = "SUSPENDED"
@@ -237,7 +269,13 @@ def run_worker(
     if guard is None:
         signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    optuna_study = handle.study(seed_offset=index)
+    # A slot of its own (>= index) for this process: concurrent, restarted and requeued workers never
+    # share a sampler seed stream, while a fresh study's single worker 0 stays reproducible (slot 0).
+    slot = handle.claim_worker_slot(index)
+    base_seed = spec.sampler.get("seed")
+    sampler_seed = None if base_seed is None else int(base_seed) + slot
+    log.info("worker %d: slot %d, sampler seed %s", index, slot, sampler_seed)
+    optuna_study = handle.study(seed_offset=slot)
     counts: dict[str, int] = {}
     grace = float(spec.heartbeat.get("grace_s", 120))
     suspend_grace = float(spec.heartbeat.get("suspend_grace_s", 1800))
@@ -257,17 +295,19 @@ def run_worker(
             log.error("stopping: %d trials failed by themselves; see `ickd sweep status %s`", max_failures, spec.name)
             break
         trial = optuna_study.ask(fixed_distributions=spec.space)
+        trial.set_user_attr("worker_slot", slot)
+        trial.set_user_attr("sampler_seed", sampler_seed)
         try:
             if over_budget(optuna_study, trial, spec.n_trials):
                 trial.set_user_attr("fail_reason", "not run: the study's budget was used up by other workers")
                 trial.set_user_attr("skipped", True)
                 tell(optuna_study, trial, state=TrialState.FAIL)
                 break
-            state = run_trial(handle, optuna_study, trial, stop, guard, state_path)
+            state = skip_duplicate(optuna_study, trial) or run_trial(handle, optuna_study, trial, stop, guard, state_path)
         except StudyDone:
             break
         counts[state] = counts.get(state, 0) + 1
-    log.info("worker %d done: %s", index, counts or "no trial left")
+    log.info("worker %d (slot %d) done: %s", index, slot, counts or "no trial left")
     return counts
 
 
@@ -275,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ickd.sweep.worker", description="run trials of a study until its budget is used up")
     parser.add_argument("study")
     parser.add_argument("--root", default=None)
-    parser.add_argument("--index", type=int, default=0, help="worker index (seeds its sampler differently)")
+    parser.add_argument("--index", type=int, default=0, help="worker index: the first worker slot it tries to claim (its sampler seed is sampler.seed + the claimed slot)")
     parser.add_argument("--max-trials", type=int, default=None)
     parser.add_argument("--state-file", default=None, help="(launchers) where a preempted trial is suspended; enables mid-epoch stops on USR2/TERM")
     args = parser.parse_args(argv)
