@@ -53,8 +53,26 @@ def build_teacher(cfg: Mapping[str, Any], num_classes: int, in_channels: int) ->
     return teacher
 
 
-def build_bank(cfg: Mapping[str, Any], num_samples: int, feature_dim: int, num_classes: int, device: torch.device, seed: int) -> MemoryBank:
+def build_bank(
+    cfg: Mapping[str, Any], num_samples: int, feature_dim: int, num_classes: int, device: torch.device, seed: int,
+    fill_pass: bool | None = None,
+) -> MemoryBank:
+    """The memory bank of ``cfg["memory"]``. ``fill_pass``: whether a no-grad pass fills it before
+    training (default: paradigm=offline with memory.fill=pass, the only setting that has one)."""
     mem = cfg["memory"]
+    transform = str(mem.get("feature_transform", "none"))
+    if fill_pass is None:
+        paradigm = str((cfg.get("paradigm") or {}).get("name", "offline"))
+        fill_pass = paradigm == "offline" and str(mem.get("fill", "pass")) == "pass"
+    if transform == "auto":
+        # Whitening needs the whole bank once (a fill pass); banks filled online are only centred.
+        transform = "center_whiten" if fill_pass else "center"
+    if transform == "center_whiten" and not fill_pass:
+        raise ConfigError(
+            "memory.feature_transform=center_whiten computes its whitening once from the bank filled before "
+            "training, but this bank is filled online (memory.fill=online, or the online/teacher_free paradigm); "
+            "use memory.feature_transform=center, or memory.fill=pass in the offline paradigm"
+        )
     dtype_name = str(mem.get("feature_dtype", "auto"))
     if dtype_name == "auto":
         # fp16 halves the bytes the similarity matmul reads on the GPU (accumulation stays fp32 in
@@ -63,6 +81,7 @@ def build_bank(cfg: Mapping[str, Any], num_samples: int, feature_dim: int, num_c
     if dtype_name not in FEATURE_DTYPES:
         raise ConfigError(f"memory.feature_dtype={dtype_name!r} is not one of {sorted(FEATURE_DTYPES)} or auto")
     retriever_kwargs = {k: mem[k] for k in ("nlist", "nprobe", "use_gpu") if mem.get(k) is not None}
+    spec = retrieval_spec(cfg)
     bank = MemoryBank(
         num_samples=num_samples,
         feature_dim=feature_dim,
@@ -76,8 +95,11 @@ def build_bank(cfg: Mapping[str, Any], num_samples: int, feature_dim: int, num_c
         feature_dtype=FEATURE_DTYPES[dtype_name],
         device=device,
         seed=seed,
+        feature_transform=transform,
+        center_momentum=mem.get("center_momentum", 0.99),
+        retrieval=spec.retrieval,
+        whiten_eps=float(mem.get("whiten_eps", 1e-2)),
     )
-    spec = retrieval_spec(cfg)
     bank.check_k(spec.k, k_pos=spec.k_pos, k_neg=spec.k_neg, split=spec.split)
     return bank
 
@@ -88,7 +110,7 @@ def retrieval_spec(cfg: Mapping[str, Any]) -> RetrievalSpec:
     k_pos = mem.get("k_pos") if split == "separate" else None
     k_neg = mem.get("k_neg") if split == "separate" else None
     k = int(mem["k"]) if split != "separate" else int(k_pos or 0) + int(k_neg or 0)
-    return RetrievalSpec(k=k, split=split, k_pos=k_pos, k_neg=k_neg)
+    return RetrievalSpec(k=k, split=split, k_pos=k_pos, k_neg=k_neg, retrieval=str(mem.get("retrieval", "knn")))
 
 
 def build_distiller(cfg: Mapping[str, Any], num_classes: int, in_channels: int, num_train: int, device: torch.device) -> Distiller:
@@ -108,6 +130,14 @@ def build_distiller(cfg: Mapping[str, Any], num_classes: int, in_channels: int, 
     PARADIGMS.get(paradigm)  # clear error listing valid paradigms
     student = _build_net(cfg["student"], num_classes, in_channels)
     retrieval = retrieval_spec(cfg) if method.needs_bank else None
+    if method.needs_bank and paradigm != "offline" and str(cfg["memory"].get("update", "overwrite")) == "frozen":
+        # Online and teacher-free banks are filled during the first epoch by networks that are still
+        # training: freezing them would keep near-random early outputs for the whole run.
+        raise ConfigError(
+            f"memory.update=frozen with paradigm={paradigm} would freeze the first epoch's outputs of a network "
+            "that is still learning (near-random features and logits) for the whole run; use memory.update=overwrite "
+            "or momentum, or paradigm=offline (a frozen pre-trained teacher) for a frozen bank"
+        )
     fill_pass = str(cfg["memory"].get("fill", "pass")) == "pass"
 
     if paradigm == "offline":

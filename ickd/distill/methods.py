@@ -91,6 +91,13 @@ class KD(LossMethod):
         }
 
 
+@METHODS.register("kd_matched")
+class KDMatched(KD):
+    """KD at IC-KD's total distillation weight (kd + picd + nicd): the baseline that tells an
+    in-context effect from a larger distillation weight. Same loss as ``kd``, its own name so
+    reports never mistake it for the recipe KD."""
+
+
 @METHODS.register("dkd")
 class DKD(LossMethod):
     """Zhao et al. 2022, with the linear warm-up of the DKD term used by the published recipe."""
@@ -107,6 +114,15 @@ class ICKD(LossMethod):
     """IC-KD: CE + KD + PICD (pull to aggregated same-class neighbours) + NICD (push from others)."""
 
     needs_bank = True
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__(cfg)
+        _require_positive(self.cfg, "nicd_temperature")
+
+    def nicd_temperature(self) -> float:
+        """T_n of NICD (``distill.nicd_temperature``); null means the KD temperature T."""
+        value = self.cfg.get("nicd_temperature")
+        return float(self.cfg["temperature"]) if value is None else float(value)
 
     def __call__(self, student_logits, teacher_logits, labels, neighbours, epoch):
         c = self.cfg
@@ -130,12 +146,25 @@ class ICKD(LossMethod):
         losses["picd"] = factor * float(c["picd_weight"]) * picd_loss(student_logits, target, T)
         if float(c["nicd_weight"]) > 0:
             negative = neighbours.valid & ~neighbours.positive
+            # NICD has its own temperature: at the KD temperature (T = 4) the softened distributions
+            # all look alike under cosine and the term is inert (docs/method.md, "NICD temperature").
+            t_n = self.nicd_temperature()
+            nicd_target = target if t_n == T else aggregate_positive_targets(
+                nb_logits,
+                neighbours.sims,
+                neighbours.positive,
+                teacher_logits,
+                t_n,
+                tau_r=float(c["tau_r"]),
+                weighting=str(c["picd_weighting"]),
+                aggregate=str(c["picd_aggregate"]),
+            )
             losses["nicd"] = factor * float(c["nicd_weight"]) * nicd_loss(
                 student_logits,
-                target,
+                nicd_target,
                 nb_logits,
                 negative,
-                T,
+                t_n,
                 kappa=float(c["kappa"]),
                 form=str(c["nicd_form"]),
                 neighbour_sims=neighbours.sims,
