@@ -13,6 +13,8 @@ commands:
                             submit runs, grids or study workers to SLURM (or locally) and return at once
   jobs <status|logs|cancel|resubmit-failed> ...
                             monitor and manage launched jobs
+  compare STUDY [--seeds N] [--baselines ce,kd,kd_matched,dkd] [--workers N | --profile P]
+                            retrain a study's best IC-KD and baselines over seeds: mean +- std, Welch CIs vs KD
   report STUDY [--out FILE] [--baselines DIR ...] [--wandb]
                             a study's report: one self-contained HTML file (and a W&B report with --wandb)
   wandb sync [PATH ...] [-j N] [--dry-run]
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         from ickd.launch.cli import main as launch_cli
 
         launch_cli(command, rest)
+    elif command == "compare":
+        from ickd.sweep.compare import main as compare_main
+
+        compare_main(rest)
     elif command == "report":
         from ickd.track.report_cli import main as report_main
 

@@ -4,6 +4,7 @@ report built offline. Only `Report.save()` (the network call to a W&B server) is
 no W&B server can run here; the test of `publish_wandb_report` stops at the missing API key."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from html import escape as html_escape
@@ -74,7 +75,9 @@ def finished(tmp_path_factory, teacher_dir):
     handle = make_study(tmp, teacher_dir, "rep", 3)
     run_worker(str(handle.dir))
     for method in ("ce", "kd"):
-        summary = train(compose_config(f"distill={method}", "paradigm=offline", f"teacher.checkpoint={teacher_dir}"), tmp / "baselines" / method)
+        # The study's split (synthetic_smoke.yaml: dataset.holdout=64), so the runs are comparable.
+        summary = train(compose_config(f"distill={method}", "paradigm=offline", f"teacher.checkpoint={teacher_dir}", "dataset.holdout=64"),
+                        tmp / "baselines" / method)
         assert summary["status"] == "completed"
     return handle, tmp
 
@@ -111,9 +114,16 @@ def test_report_renders_every_figure_in_headless_chromium(finished, tmp_path):
     assert f"memory.k={best.params['memory.k']}" in html.split('id="reproduce"')[1].split("</pre>")[0]
     trials_table = html.split('id="trials-table"')[1].split("</table>")[0]
     assert trials_table.count("<tr") == 4  # header + 3 trials
+    # Holdout (the objective) and test side by side, from each trial's run folder.
+    assert "<th>holdout top-1</th>" in trials_table and "<th>test top-1 (selected epoch)</th>" in trials_table
+    for t in handle.study().get_trials(deepcopy=False):
+        result = json.loads((Path(t.user_attrs["run_dir"]) / "result.json").read_text())
+        assert t.value == result["best_holdout_top1"]
+        cells = next(c for c in (re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr.*?</tr>", trials_table)) if c and c[0] == str(t.number))
+        assert f"{result['best_holdout_top1']:.4g}" in cells and f"{result['test_top1_at_best']:.4g}" in cells
     baselines = html.split('id="baselines-table"')[1].split("</table>")[0]
     rows = re.findall(r"<tr.*?</tr>", baselines)[1:]
-    assert [re.findall(r"<td[^>]*>(.*?)</td>", r)[:2] for r in rows] == [["ickd", "study best"], ["ce", "baseline"], ["kd", "baseline"]]
+    assert [re.findall(r"<td[^>]*>(.*?)</td>", r)[:3] for r in rows] == [["ickd", "study best", "holdout"], ["ce", "baseline", "holdout"], ["kd", "baseline", "holdout"]]
     assert all("same setup" in r for r in rows)
 
     shot = tmp_path / "report.png"
@@ -134,7 +144,8 @@ def test_wandb_report_from_a_real_study_summary(finished):
     report = build_wandb_report(summary, project="ickd-test", entity="team")
     grid = report.blocks[-1]
     columns = [c.metric.name for c in grid.panels[0].columns]
-    assert columns == [*handle.spec.space, "val/best_top1"] and set(handle.spec.space) == {"memory.k", "distill.picd_weight"}
+    # Objective best holdout/top1: the run summary's holdout/best_top1 (the running best the trainer logs).
+    assert columns == [*handle.spec.space, "holdout/best_top1"] and set(handle.spec.space) == {"memory.k", "distill.picd_weight"}
     best = summary["best"]
     assert f"trial {best['number']}" in report.blocks[1].text and "complete 3" in report.blocks[1].text
 
@@ -263,6 +274,9 @@ def test_wandb_report_spec_and_offline_build():
     assert grid["panels"][0]["columns"][-1] == {"summary": "val/best_top1"}
     assert [c["config"] for c in grid["panels"][0]["columns"][:-1]] == list(SUMMARY["space"])
     assert spec_with(objective={"metric": "val/loss", "mode": "last", "direction": "minimize"})["blocks"][2]["panels"][1]["with_respect_to"] == "val/loss"
+    # The default objective (best holdout/top1) and best test/top1 map to the running bests the trainer logs.
+    assert spec_with(objective={"metric": "holdout/top1", "mode": "best", "direction": "maximize"})["blocks"][2]["panels"][1]["with_respect_to"] == "holdout/best_top1"
+    assert spec_with(objective={"metric": "test/top1", "mode": "best", "direction": "maximize"})["blocks"][2]["panels"][1]["with_respect_to"] == "test/best_top1"
 
     report = build_wandb_report(SUMMARY, project="proj", entity="team", group="other-group")
     assert isinstance(report, wr.Report) and report.project == "proj" and report.entity == "team"
@@ -285,3 +299,33 @@ def test_wandb_report_spec_and_offline_build():
 
 def spec_with(**changes) -> dict:
     return wandb_report_spec({**SUMMARY, **changes}, project="p", entity=None)
+
+
+def test_runs_with_and_without_holdout_show_holdout_and_test_side_by_side(tmp_path):
+    """split_numbers/baseline rows on hand-written run folders: a holdout run, and an old run from
+    before holdouts existed (val/top1 was the test split; no test/* keys) that must still render."""
+    from ickd.track.report import _baselines_html, baseline_rows, split_numbers
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    for folder, holdout in ((new, 64), (old, None)):
+        folder.mkdir()
+        (folder / "config.yaml").write_text(yaml.safe_dump({"dataset": {"name": "synthetic", "holdout": holdout}, "distill": {"name": "kd"}}))
+    history = [
+        {"epoch": 1, "val/top1": 50.0, "holdout/top1": 50.0, "test/top1": 48.0},
+        {"epoch": 2, "val/top1": 60.0, "holdout/top1": 60.0, "test/top1": 55.0},
+        {"epoch": 3, "val/top1": 60.0, "holdout/top1": 60.0, "test/top1": 57.0},  # a tie: the first epoch stays selected
+    ]
+    (new / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+    (new / "result.json").write_text(json.dumps({"best_top1": 60.0, "last_top1": 60.0, "selection_split": "holdout", "epochs_completed": 3}))
+    (old / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "val/top1": v}) + "\n" for e, v in ((1, 40.0), (2, 45.0))))
+    (old / "result.json").write_text(json.dumps({"best_top1": 45.0, "last_top1": 45.0, "epochs_completed": 2}))
+    assert split_numbers(new) == {"selection": "holdout", "holdout_top1": 60.0, "test_top1": 55.0, "best_test_top1": 57.0}
+    assert split_numbers(old) == {"selection": "test", "holdout_top1": None, "test_top1": 45.0, "best_test_top1": 45.0}
+    (old / "metrics.jsonl").unlink()  # result.json alone (no per-epoch file) is enough too
+    assert split_numbers(old) == {"selection": "test", "holdout_top1": None, "test_top1": 45.0, "best_test_top1": 45.0}
+    rows = baseline_rows([old], str(new))
+    assert rows[1]["differs"] == ["dataset.holdout=None"]  # selected on another split: flagged
+    html = _baselines_html(rows, searched=True)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr.*?</tr>", html)[1:]]
+    assert cells[0][:7] == ["kd", "study best", "holdout", "60", "55", "57", "60"]
+    assert cells[1][:8] == ["kd", "baseline", "test", "", "45", "45", "45", "-10.00"]

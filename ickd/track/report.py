@@ -39,7 +39,7 @@ FIGURES = {
 }
 TOP_CURVES = 5
 # Config keys that must agree for a baseline to be "the same experiment" as the study's best trial.
-SETUP_KEYS = ("dataset.name", "student.name", "teacher.name", "trainer.epochs")
+SETUP_KEYS = ("dataset.name", "dataset.holdout", "student.name", "teacher.name", "trainer.epochs")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,6 +99,46 @@ def _trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("skipped")]
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def split_numbers(run_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """Holdout and test top-1 of a run, side by side: ``selection`` (the split that picked its best
+    epoch), ``holdout_top1`` (best holdout top-1), ``test_top1`` (test top-1 at the selected epoch:
+    the honest number), ``best_test_top1`` (max over epochs: the literature's protocol).
+
+    From metrics.jsonl (there while a run trains), else result.json. Runs from before holdouts
+    existed logged the test split as ``val/top1`` only: they count as selected on test.
+    """
+    out: dict[str, Any] = {"selection": None, "holdout_top1": None, "test_top1": None, "best_test_top1": None}
+    if not run_dir:
+        return out
+    history = _read_json_lines(Path(run_dir) / "metrics.jsonl")
+    if history:
+        test_key = "test/top1" if any("test/top1" in m for m in history) else "val/top1"  # old runs: val was test
+        best, at = -1.0, None
+        for m in history:
+            top1 = _number(m.get("val/top1"))
+            if top1 is not None and top1 > best:
+                best, at = top1, _number(m.get(test_key))
+        holdout = [v for v in (_number(m.get("holdout/top1")) for m in history) if v is not None]
+        tests = [v for v in (_number(m.get(test_key)) for m in history) if v is not None]
+        out.update(selection="holdout" if holdout else "test", holdout_top1=max(holdout) if holdout else None,
+                   test_top1=at, best_test_top1=max(tests) if tests else None)
+        return out
+    result = _read_json(Path(run_dir) / "result.json")
+    if result:
+        old = "selection_split" not in result
+        out.update(
+            selection=result.get("selection_split", "test"),
+            holdout_top1=_number(result.get("best_holdout_top1")),
+            test_top1=_number(result.get("best_top1") if old else result.get("test_top1_at_best")),
+            best_test_top1=_number(result.get("best_top1") if old else result.get("best_test_top1")),
+        )
+    return out
+
+
 def study_summary(handle: StudyHandle, study: optuna.Study | None = None) -> dict[str, Any]:
     """The study's facts as plain data (JSON-safe): the local and the W&B report both start here."""
     study = study or handle.study()
@@ -127,6 +167,7 @@ def study_summary(handle: StudyHandle, study: optuna.Study | None = None) -> dic
             "run_dir": best.user_attrs.get("run_dir"),
             "run_id": best.user_attrs.get("run_id"),
             "command": "ickd train " + " ".join(shlex.quote(o) for o in overrides),
+            **split_numbers(best.user_attrs.get("run_dir")),
         }
     return summary
 
@@ -145,6 +186,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "run_dir": run_dir,
             "note": str(t.user_attrs.get("fail_reason", "")),
             "retry_of": t.user_attrs.get("retry_of"),
+            **split_numbers(run_dir),
         })
     return rows
 
@@ -199,6 +241,7 @@ def _run_row(role: str, run_dir: Path, config: Mapping, result: Mapping, referen
         "run_dir": str(run_dir),
         "best_top1": result.get("best_top1"),
         "last_top1": result.get("last_top1"),
+        **split_numbers(run_dir),
         "epochs": result.get("epochs_completed"),
         "differs": [f"{k}={_select(config, k)}" for k in differs],
     }
@@ -329,8 +372,11 @@ def _summary_html(s: Mapping[str, Any]) -> str:
         out += f'<p class="note" id="no-best">No completed trial yet ({_e(_state_text(s["counts"]))}); run <code>ickd sweep run {_e(s["name"])}</code>.</p>'
     else:
         params = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in best["params"].items())
+        test = best.get("test_top1")
+        tested = (f' (test top-1 at its selected epoch {_fmt(test)}, selected on {best.get("selection")})'
+                  if test is not None else "")
         out += (
-            f'<h3>Best: trial {_e(best["number"])}, {_e(obj["metric"])} = {_e(_fmt(best["value"]))}</h3>'
+            f'<h3>Best: trial {_e(best["number"])}, {_e(obj["metric"])} = {_e(_fmt(best["value"]))}{_e(tested)}</h3>'
             f'<table id="best-params">{params}</table>'
             f'<p class="meta">run folder: <code>{_e(best["run_dir"])}</code></p>'
             f'<p>Reproduce it:</p><pre id="reproduce">{_e(best["command"])}</pre>'
@@ -341,7 +387,7 @@ def _summary_html(s: Mapping[str, Any]) -> str:
 def _trials_html(rows: list[dict], keys: list[str], best_number: int | None) -> str:
     if not rows:
         return '<p class="note">The study has no trials yet.</p>'
-    headers = ["trial", "state", *keys, "value", "epochs", "run folder", "note"]
+    headers = ["trial", "state", *keys, "value", "holdout top-1", "test top-1 (selected epoch)", "best test top-1", "epochs", "run folder", "note"]
     body, classes = [], []
     for r in rows:
         body.append([
@@ -349,6 +395,9 @@ def _trials_html(rows: list[dict], keys: list[str], best_number: int | None) -> 
             _td(r["state"], cls=f"state-{r['state']}"),
             *(_td(_fmt(r["params"].get(k)), num=True) for k in keys),
             _td(_fmt(r["value"]), num=True),
+            _td(_fmt(r.get("holdout_top1")), num=True),
+            _td(_fmt(r.get("test_top1")), num=True),
+            _td(_fmt(r.get("best_test_top1")), num=True),
             _td(r["epochs"], num=True),
             _td(r["run_dir"] or ""),
             _td((r["note"] + (f" (retry of trial {r['retry_of']})" if r["retry_of"] is not None else "")).strip()),
@@ -366,19 +415,27 @@ def _baselines_html(rows: list[dict], searched: bool) -> str:
                 "experiment with <code>--baselines DIR</code> (a run folder or a folder of run folders).</p>")
     elif not searched:
         note = '<p class="note">No completed trial: baselines are shown without the study best.</p>'
-    ref = next((r["best_top1"] for r in rows if r["role"] == "study best"), None)
+    # Compared on the test top-1 at each run's selected epoch: the number a paper may report.
+    ref = next((r.get("test_top1") for r in rows if r["role"] == "study best"), None)
     body, classes = [], []
     for r in rows:
-        delta = r["best_top1"] - ref if isinstance(r["best_top1"], (int, float)) and isinstance(ref, (int, float)) and r["role"] != "study best" else None
+        mine = r.get("test_top1")
+        delta = mine - ref if isinstance(mine, (int, float)) and isinstance(ref, (int, float)) and r["role"] != "study best" else None
         body.append([
-            _td(r["method"]), _td(r["role"]),
-            _td(_fmt(r["best_top1"]), num=True), _td(_fmt(r["last_top1"]), num=True),
+            _td(r["method"]), _td(r["role"]), _td(r.get("selection") or ""),
+            _td(_fmt(r.get("holdout_top1")), num=True),
+            _td(_fmt(mine), num=True), _td(_fmt(r.get("best_test_top1")), num=True),
+            _td(_fmt(r["last_top1"]), num=True),
             _td("" if delta is None else f"{delta:+.2f}", num=True),
             _td(r["epochs"], num=True), _td(r["run_dir"]),
             _td("same setup" if not r["differs"] else "differs: " + ", ".join(r["differs"])),
         ])
         classes.append("best" if r["role"] == "study best" else "")
-    headers = ["method", "role", "best top-1", "last top-1", "best top-1 minus study best", "epochs", "run folder", "setup"]
+    note += ('<p class="meta">Selected on: the split that picked each run\'s best epoch (holdout when '
+             "dataset.holdout is set). Test top-1 at the selected epoch is the honest number; best test top-1 "
+             "(max over epochs) is the published tables' protocol, for comparison only.</p>")
+    headers = ["method", "role", "selected on", "best holdout top-1", "test top-1 (selected epoch)", "best test top-1",
+               "last top-1 (selection split)", "test top-1 minus study best", "epochs", "run folder", "setup"]
     return note + _table(headers, body, "baselines-table", classes)
 
 
@@ -391,6 +448,30 @@ def _figure_html(fid: str, title: str, fig: Any) -> str:
         # plotly.js is in the page head once; every figure only carries its data (escaped JSON).
         inner = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"{fid}-plot", default_width="100%", config={"displaylogo": False})
     return f'<div class="figure" id="{fid}"><h2>{_e(title)}</h2>{inner}</div>'
+
+
+def _compare_html(folder: str | os.PathLike) -> str:
+    """The "Comparison over seeds" section from ``<study folder>/compare.json`` (written by
+    ``ickd compare``); empty when the study has none."""
+    data = _read_json(Path(folder) / "compare.json")
+    if not data.get("rows"):
+        return ""
+    from ickd.sweep.compare import table_rows
+
+    headers, body = table_rows(data)
+    table = _table([h.replace("[95% CI]", f"[{data.get('ci_method', 'Welch t, 95%')}]") for h in headers],
+                   [[_td(c, num=i > 0) for i, c in enumerate(cells)] for cells in body], "compare-table")
+    verdicts = "".join(f"<li>{_e(v['text'])}</li>" for v in data.get("verdicts", []))
+    pending = data.get("pending") or []
+    return (
+        '<section id="compare"><h2>Comparison over seeds</h2>'
+        f'<p class="meta">Seeds {_e(", ".join(str(s) for s in data.get("seeds", [])))}; test metric: {_e(data.get("protocol_text"))}; '
+        f'written {_e(data.get("generated"))} by <code>{_e(data.get("command"))}</code>.</p>'
+        f'{table}<p><b>{_e(data.get("bottom_line", ""))}</b></p><ul id="compare-verdicts">{verdicts}</ul>'
+        + "".join(f'<p class="note">{_e(n)}</p>' for n in data.get("notes", []))
+        + (f'<p class="note" id="compare-pending">{len(pending)} run(s) pending, not in the numbers: {_e("; ".join(pending))}</p>' if pending else "")
+        + "</section>"
+    )
 
 
 def render_html(summary: Mapping[str, Any], figures: Mapping[str, Any], trials: list[dict], baselines: list[dict], keys: list[str]) -> str:
@@ -412,6 +493,7 @@ def render_html(summary: Mapping[str, Any], figures: Mapping[str, Any], trials: 
         *(_figure_html(fid, title, figures[fid]) for fid, title in FIGURES.items()),
         "</section>",
         f'<section id="baselines"><h2>Best trial vs baselines</h2>{_baselines_html(baselines, summary["best"] is not None)}</section>',
+        _compare_html(summary["folder"]),
         f'<section id="trials"><h2>Trials</h2>{_trials_html(trials, keys, best_number)}</section>',
         "</body></html>",
     ]

@@ -24,11 +24,11 @@ class WandbReportError(IckdError):
 
 def objective_summary_key(objective: Mapping[str, str]) -> str:
     """The run-summary key that holds a trial's objective. W&B keeps the *last* logged value in the
-    summary; the trainer logs ``val/best_top1`` (running best) each epoch, so for the default
-    objective (best val/top1) that key's summary is the objective itself."""
+    summary; the trainer logs ``val/best_top1``, ``holdout/best_top1`` and ``test/best_top1``
+    (running bests) each epoch, so for a best-top-1 objective that key's summary is the objective."""
     metric, mode = objective["metric"], objective.get("mode", "best")
-    if mode == "best" and metric == "val/top1":
-        return "val/best_top1"
+    if mode == "best" and metric in ("val/top1", "holdout/top1", "test/top1"):
+        return metric.replace("/top1", "/best_top1")
     return metric
 
 
@@ -57,6 +57,22 @@ def _markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _compare_markdown(summary: Mapping[str, Any]) -> str | None:
+    """The `ickd compare` table from ``<study folder>/compare.json``, as markdown; None without one."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads((Path(summary["folder"]) / "compare.json").read_text())
+    except (KeyError, OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not data.get("rows"):
+        return None
+    from ickd.sweep.compare import format_table
+
+    return "## Comparison over seeds\n\n" + format_table(data)
+
+
 def wandb_report_spec(summary: Mapping[str, Any], project: str, entity: str | None, group: str | None = None) -> dict[str, Any]:
     """The report as plain data. ``group`` defaults to the study name (the trials' W&B group)."""
     group = group or summary["name"]
@@ -81,6 +97,8 @@ def wandb_report_spec(summary: Mapping[str, Any], project: str, entity: str | No
         "blocks": [
             {"type": "H1", "text": f"Study {summary['name']}"},
             {"type": "MarkdownBlock", "text": _markdown(summary)},
+            # `ickd compare`'s table over seeds, when the study has one.
+            *([{"type": "MarkdownBlock", "text": _compare_markdown(summary)}] if _compare_markdown(summary) else []),
             {
                 "type": "PanelGrid",
                 "runsets": [{
