@@ -324,6 +324,20 @@ def test_compare_end_to_end_on_a_real_study(study):
     assert changed == [redo] and json.loads(redo.read_text())["status"] == "completed"
     assert json.loads(redo.read_text()).get("resumed_from_epoch") == 1
 
+    # A finished run trained under another config than its row composes to now (e.g. the shipped
+    # defaults changed since) is never reused silently: exit 2, naming the run and the key.
+    stale = handle.dir / "compare" / "ickd-default" / "seed-100" / "config.yaml"
+    original = stale.read_text()
+    cfg = yaml.safe_load(original)
+    cfg["distill"]["picd_weight"] = cfg["distill"]["picd_weight"] + 1.0
+    stale.write_text(yaml.safe_dump(cfg))
+    try:
+        proc = ickd(*args)
+    finally:
+        stale.write_text(original)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "ickd-default/seed-100 was trained under another config" in proc.stderr and "distill.picd_weight" in proc.stderr
+
 
 @pytest.mark.slow
 def test_compare_as_a_launch_then_the_table(study, tmp_path):

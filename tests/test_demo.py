@@ -1,4 +1,4 @@
-"""The main job on real Fashion-MNIST (Debian's dataset-fashion-mnist files), shrunk to seconds."""
+"""The main job on real Fashion-MNIST (Debian's dataset-fashion-mnist files), shrunk to a few minutes."""
 from __future__ import annotations
 
 import json
@@ -11,21 +11,47 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist` (CI installs it)")
-def test_demo_trains_teacher_and_three_students_and_prints_a_table(tmp_path, capsys):
+def test_demo_tunes_on_the_holdout_and_compares_rows_over_seeds(tmp_path, capsys):
     from ickd.demo import main
 
-    rows = main(["--out", str(tmp_path), "--study-trials", "2", "dataset.train_subset=2000", "dataset.val_subset=1000", "trainer.epochs=2", "trainer.batch_size=32"])
-    assert [r["run"] for r in rows][:4] == ["teacher (resnet14)", "CE", "KD", "IC-KD"]
-    assert rows[4]["run"].startswith("IC-KD (study best): k=")
-    for r in rows:
-        assert r["status"] == "completed" and r["best_top1"] > 40.0  # 10 classes: chance is 10%
+    story = main([
+        "--out", str(tmp_path), "--study-trials", "2", "--seeds", "2",
+        "dataset.train_subset=2000", "dataset.holdout=1000", "dataset.val_subset=1000", "trainer.epochs=2", "trainer.batch_size=32",
+    ])
+    compare = story["compare"]
+    labels = [r["label"] for r in compare["rows"]]
+    assert labels == ["ce", "kd", "kd_matched", "ickd (default)", "ickd (tuned)"]
+    for row in compare["rows"]:
+        assert row["n"] == 2 and row["test_mean"] > 40.0, row  # 10 classes: chance is 10%
+        assert [r["seed"] for r in row["runs"]] == [100, 101]
+    # Every IC-KD row is compared with KD and kd_matched, with a confidence interval.
+    tuned = next(r for r in compare["rows"] if r["label"] == "ickd (tuned)")
+    assert tuned["delta"]["kd"]["ci"] is not None and tuned["delta"]["kd_matched"]["ci"] is not None
     printed = capsys.readouterr().out
-    assert "| IC-KD |" in printed and "2000 training images" in printed and "ickd train experiment=fashion_mnist/demo dataset.train_subset=2000" in printed and " distill=ickd teacher.checkpoint=" in printed
+    assert "2000 training images" in printed and "1000-image holdout" in printed
+    assert "test top-1 mean ± std" in printed and "Bottom line:" in printed
+
+    # The study selected on the holdout: every value Optuna got is a run's best holdout/top1.
+    study_dir = Path(story["study"]["folder"])
+    assert (study_dir / "journal.log").is_file()
+    import optuna
+
+    from ickd.sweep.studies import StudyHandle
+
+    handle = StudyHandle.load(study_dir)
+    study = handle.study()
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done
+    for t in done:
+        metrics = [json.loads(x) for x in (handle.trial_dir(t.number) / "metrics.jsonl").read_text().splitlines()]
+        assert t.value == max(m["holdout/top1"] for m in metrics)
+
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary["rows"]) == 5
-    assert summary["study"]["states"].get("COMPLETE", 0) + summary["study"]["states"].get("PRUNED", 0) == 2
-    assert (tmp_path / "studies" / "demo" / "journal.log").is_file()
+    assert summary["compare"]["rows"][0]["label"] == "ce"
     assert (tmp_path / "curves.png").stat().st_size > 1000
-    # IC-KD really retrieved from a bank of the 2000 training images.
-    last = json.loads((tmp_path / "ickd" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "Comparison over seeds" in (tmp_path / "report.html").read_text()
+    assert (study_dir / "compare.md").is_file() and (study_dir / "compare.json").is_file()
+    # IC-KD really retrieved from a bank of the 2000 training images (never the holdout).
+    ickd_run = Path(next(r for r in compare["rows"] if r["label"] == "ickd (default)")["runs"][0]["out_dir"])
+    last = json.loads((ickd_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["bank_entries"] == 2000 and last["train/pos_frac"] > 0.5

@@ -84,7 +84,9 @@ def test_center_spreads_the_top_k_similarities_of_relu_features():
 def test_center_whiten_whitens_the_filled_bank():
     data = relu_data(n=2000, d=16)
     idx, feats, logits, labels = data
-    bank = pass_filled(data, feature_transform="center_whiten")
+    # A tiny eps: then the whitened bank has (nearly) unit covariance. The default eps (1e-2 of the
+    # mean eigenvalue) regularises near-null directions, checked below.
+    bank = pass_filled(data, feature_transform="center_whiten", whiten_eps=1e-6)
     unit = F.normalize(feats, dim=1).double()
     mu = unit.mean(dim=0)
     white = (unit - mu) @ bank.whiten.double()
@@ -100,6 +102,16 @@ def test_center_whiten_whitens_the_filled_bank():
     before = bank.whiten.clone()
     bank.update(idx[:50], feats[:50] + 1.0, logits[:50], labels[:50])
     assert torch.equal(bank.whiten, before)
+    # With the default eps every eigenvalue l is scaled by l / (l + eps * mean(l)) < 1, most for the smallest.
+    regular = pass_filled(data, feature_transform="center_whiten")
+    assert regular.whiten_eps == 1e-2
+    centred = unit - mu
+    lam = torch.linalg.eigvalsh(centred.T @ centred / unit.shape[0])
+    white_reg = centred @ regular.whiten.double()
+    evals = torch.linalg.eigvalsh(white_reg.T @ white_reg / unit.shape[0])
+    torch.testing.assert_close(evals, (lam / (lam + 1e-2 * lam.mean())).sort().values, atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="memory.whiten_eps"):
+        pass_filled(data, feature_transform="center_whiten", whiten_eps=0.0)
 
 
 def test_mu_follows_writes_as_an_ema_after_the_fill_pass():
@@ -224,8 +236,13 @@ def test_build_bank_refuses_whitening_without_a_fill_pass():
     cfg = compose_config("distill=ickd", "memory.feature_transform=center_whiten", "memory.retrieval=random")
     bank = build_bank(cfg, num_samples=512, feature_dim=16, num_classes=10, device=torch.device("cpu"), seed=0)
     assert bank.feature_transform == "center_whiten" and bank.retrieval == "random"
+    # feature_transform=auto (the default): whitened with a fill pass (offline), centred when filled online.
     default = build_bank(compose_config("distill=ickd"), 512, 16, 10, torch.device("cpu"), 0)
-    assert default.feature_transform == "center" and default.center_momentum == 0.99 and default.retrieval == "knn"
+    assert default.feature_transform == "center_whiten" and default.center_momentum == 0.99 and default.retrieval == "knn"
+    assert default.whiten_eps == 0.01
+    for args in (["memory.fill=online"], ["paradigm=online"], ["paradigm=teacher_free"]):
+        online = build_bank(compose_config("distill=ickd", *args), 512, 16, 10, torch.device("cpu"), 0)
+        assert online.feature_transform == "center", args
 
 
 # ------------------------------------------------------------------------------------ resume

@@ -155,9 +155,16 @@ def test_demo_writes_the_study_report_with_its_runs_as_baselines(finished, tmp_p
     from ickd.demo import _report
 
     handle, tmp = finished
-    for name in ("ce", "kd"):  # the demo's layout: <out>/ce, <out>/kd, <out>/studies/demo
-        (tmp_path / name).symlink_to(tmp / "baselines" / name)
-    _report(tmp_path, str(handle.dir))
+    compared = tmp_path / "compare"  # the demo's layout: <study>/compare/<row>/seed-<s>/
+    for name in ("ce", "kd"):
+        (compared / name).mkdir(parents=True)
+        (compared / name / "seed-100").symlink_to(tmp / "baselines" / name)
+    link = handle.dir / "compare"
+    link.symlink_to(compared)
+    try:
+        _report(tmp_path, str(handle.dir))
+    finally:
+        link.unlink()  # the study fixture is shared with other tests
     assert f"study report: {tmp_path / 'report.html'}" in capsys.readouterr().out
     baselines = (tmp_path / "report.html").read_text().split('id="baselines-table"')[1].split("</table>")[0]
     assert [re.findall(r"<td[^>]*>(.*?)</td>", r)[0] for r in re.findall(r"<tr.*?</tr>", baselines)[1:]] == ["ickd", "ce", "kd"]

@@ -78,7 +78,12 @@ def test_shipped_study_loads_and_validates_against_its_composed_base(file):
 def test_main_cifar_studies_search_the_ic_kd_hyperparameters(pair):
     spec = load_spec(SWEEPS / f"cifar100_{pair}.yaml")
     assert f"experiment=cifar100/{pair}" in spec.base and "distill=ickd" in spec.base
-    assert set(spec.space) == {"memory.size", "memory.k", "distill.picd_weight", "distill.nicd_weight", "distill.temperature"}
+    assert set(spec.space) == {
+        "memory.size", "memory.k", "distill.picd_weight", "distill.nicd_weight", "distill.temperature",
+        # Revision 2: the similarity temperature, NICD's own temperature and the retrieval space
+        "distill.tau_r", "distill.nicd_temperature", "memory.feature_transform",
+    }
+    assert set(spec.space["memory.feature_transform"].choices) == {"auto", "center", "none"}
     assert None in spec.space["memory.size"].choices  # M = the whole training set is an option
     assert spec.objective == Objective("holdout/top1", "best", "maximize")  # tuned on the holdout, not on test
     assert "dataset.holdout=5000" in spec.base
@@ -101,12 +106,15 @@ def test_ablations_fix_what_they_switch_off():
 
 def test_fmnist_quick_study_takes_the_teacher_from_the_environment(monkeypatch, tmp_path):
     spec = load_spec(SWEEPS / "fmnist_ickd_quick.yaml")
-    assert spec.n_trials == 4 and set(spec.space) == {"memory.k", "distill.picd_weight", "distill.nicd_weight"}
+    assert spec.n_trials == 4 and set(spec.space) == {
+        "memory.k", "memory.feature_transform", "distill.picd_weight", "distill.nicd_weight", "distill.tau_r", "distill.nicd_temperature",
+    }
     monkeypatch.setenv("ICKD_TEACHER", str(tmp_path / "teacher"))
     cfg = compose_config(*spec.base, base=[])
     assert cfg.teacher.checkpoint == str(tmp_path / "teacher")
-    assert cfg.dataset.name == "fashion_mnist" and cfg.trainer.epochs == 3 and cfg.dataset.train_subset == 5000
-    assert cfg.dataset.holdout == 5000
+    # The demo's setting unchanged, so the tuned params are retrained (ickd compare) where they were tuned.
+    assert cfg.dataset.name == "fashion_mnist" and cfg.trainer.epochs == 5 and cfg.dataset.train_subset == 10000
+    assert cfg.dataset.holdout == 5000 and spec.objective.metric == "holdout/top1"
 
 
 def test_smoke_study_is_small_offline_and_takes_a_later_teacher_override(tmp_path):

@@ -24,7 +24,17 @@ from ickd.distill.paradigms import OfflineDistiller
 from ickd.errors import ConfigError
 from ickd.losses import neighbour_weights
 
-__all__ = ["signal_diagnostics", "fill_bank"]
+__all__ = ["signal_diagnostics", "fill_bank", "FIRST_IMPLEMENTATION"]
+
+#: Overrides that restore the first implementation's retrieval and weights (docs/method.md,
+#: "Revision 2"): the baseline the shipped defaults are measured against.
+FIRST_IMPLEMENTATION = (
+    "memory.feature_transform=none",
+    "distill.tau_r=0.1",
+    "distill.nicd_temperature=null",
+    "distill.picd_weight=1.0",
+    "distill.nicd_weight=0.5",
+)
 
 
 @torch.no_grad()

@@ -346,10 +346,37 @@ def _finish_plan(plan: Plan, compose: bool = True) -> Plan:
     if len(set(plan.seeds)) != len(plan.seeds):
         raise ConfigError(f"seeds repeat: {plan.seeds}")
     if compose:  # every row must compose before anything runs
+        runs = plan.runs()
         for row in plan.rows:
             cfg = _compose(row.label, [*row.overrides, f"seed={plan.seeds[0]}"])
             row.method = str(cfg.distill.get("name"))
+            _check_existing_runs(row, [e for e in runs if e.row == row.label], cfg)
     return plan
+
+
+def _check_existing_runs(row: Row, entries: list[RunEntry], cfg) -> None:
+    """Refuse to reuse run folders trained under another config than the row's today (changed
+    defaults, config files or code): their numbers would describe another method. Same rule as a
+    resume (``ickd.engine.trainer.config_differences``: only run-neutral keys may differ)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from ickd.engine.trainer import config_differences, format_differences
+
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for entry in entries:
+        saved_file = entry.out_dir / "config.yaml"
+        if not saved_file.is_file():
+            continue
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        saved = {**saved, "seed": current.get("seed")}  # the seed differs per run by design
+        diffs = config_differences(saved, current)
+        if diffs:
+            raise ConfigError(
+                f"row {row.label!r}: the run in {entry.out_dir} was trained under another config than this row composes "
+                f"to now (run -> now):\n{format_differences(diffs)}\nIts numbers would describe another setting: delete "
+                f"{entry.out_dir.parent} to retrain the row, or use another --out"
+            )
 
 
 def plan_study(
