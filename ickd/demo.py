@@ -89,6 +89,7 @@ def _plot_curves(summary: dict, path: Path) -> bool:
         n = min(len(c) for c in curves)
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
         ax.plot(range(1, n + 1), mean, marker="o", label=f"{row['label']} (n={len(curves)})")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 (%), mean over seeds")
     ax.set_title("ickd demo: Fashion-MNIST")
