@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python bench/validity.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
 
-    story = run_story(out, base, study_trials=args.study_trials, study_workers=args.workers, seeds=args.seeds,
+    story = run_story(out, args.experiment, args.overrides, study_trials=args.study_trials, study_workers=args.workers, seeds=args.seeds,
                       workers=args.workers, baselines="ce,kd,kd_matched", ablation=True)
     compare = story["compare"]
     kd_row = next(r for r in compare["rows"] if r["label"] == "kd")

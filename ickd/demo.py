@@ -103,7 +103,8 @@ def _plot_curves(summary: dict, path: Path) -> bool:
 
 def run_story(
     out: Path,
-    base: list[str],
+    experiment: str,
+    overrides: list[str],
     *,
     study_trials: int = 4,
     study_workers: int = 2,
@@ -112,23 +113,25 @@ def run_story(
     workers: int = 2,
     baselines: str = "ce,kd,kd_matched",
     ablation: bool = False,
-    study_overrides: list[str] | None = None,
 ) -> dict:
     """Teacher -> holdout-selected IC-KD study -> ``ickd compare`` over ``seeds`` seeds.
 
-    Shared by ``ickd demo`` and ``bench/validity.py``. Returns {"teacher", "study", "compare",
-    "total_wall_time_s"}; writes the teacher run, ``studies/demo/`` and its ``compare/`` folder under ``out``.
+    ``experiment`` is the teacher's experiment config (the study file names its own, the demo's);
+    ``overrides`` go to every run and trial. Shared by ``ickd demo`` and ``bench/validity.py``.
+    Returns {"teacher", "study", "compare", "total_wall_time_s", ...}; writes the teacher run,
+    ``studies/demo/`` and its ``compare/`` folder under ``out``.
     """
     from ickd.sweep import compare as cmp
 
     start = time.perf_counter()
+    base = [f"experiment={experiment}", *overrides]
     teacher_dir = out / "teacher"
     if (teacher_dir / "result.json").is_file() and json.loads((teacher_dir / "result.json").read_text()).get("status") == "completed":
         teacher = json.loads((teacher_dir / "result.json").read_text())
         print(f"[teacher] already trained: {teacher_dir}", flush=True)
     else:
         teacher = _train("teacher", [*base, "stage=teacher"], teacher_dir)
-    params, study_info = _study(out, teacher_dir, [*base[1:], *(study_overrides or [])], study_trials, study_workers)
+    params, study_info = _study(out, teacher_dir, overrides, study_trials, study_workers)
     if params is None:
         raise SystemExit(f"the study finished no trial; see {study_info['folder']}/workers/*.log")
     plan = cmp.plan_study(
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"row is retrained over {args.seeds} seeds. Output: {out}",
         flush=True,
     )
-    story = run_story(out, base, study_trials=args.study_trials, study_workers=args.study_workers, seeds=args.seeds,
+    story = run_story(out, args.experiment, args.overrides, study_trials=args.study_trials, study_workers=args.study_workers, seeds=args.seeds,
                       workers=args.workers, baselines=args.baselines)
     from ickd.sweep.compare import format_table
 

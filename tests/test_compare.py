@@ -352,7 +352,9 @@ def test_compare_as_a_launch_then_the_table(study, tmp_path):
             "--no-default", "--no-ablation", "--out", str(out)]
     proc = ickd(*args, "--profile", "local", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 run(s) of the comparison in" in proc.stdout and "when the jobs are done: ickd compare cmp" in proc.stdout
+    assert "2 run(s) of the comparison in" in proc.stdout
+    # The printed command works when pasted: it names the study's root and the comparison folder.
+    assert f"when the jobs are done: ickd compare cmp --root {study.dir.parent} --out {out} --seeds 1" in proc.stdout
     manifest = json.loads(next((tmp_path / "launches").glob("compare-*/manifest.json")).read_text())
     assert sorted(j["out_dir"] for j in manifest["jobs"]) == sorted(str(out / r / "seed-7") for r in ("ce", "ickd-tuned"))
     again = ickd(*args, env=env)  # while the jobs run: nothing is trained here

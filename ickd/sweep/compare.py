@@ -408,10 +408,13 @@ def plan_study(
         notes.append("the study selected its best trial on the test split (no dataset.holdout): the tuned row's test numbers are "
                      "optimistically biased")
     if command is None:
-        # A study given by name under the default root is named; any other by its folder, so the
+        # A study given by name keeps its name (and --root); one given as a folder, its folder: the
         # printed command works when pasted.
-        by_name = root is None and isinstance(study, str) and os.sep not in study and study == handle.name
-        parts = ["ickd", "compare", handle.name if by_name else str(handle.dir), "--seeds", str(seeds), "--seed-start", str(seed_start),
+        by_name = isinstance(study, str) and os.sep not in study and study == handle.name
+        parts = ["ickd", "compare", handle.name if by_name else str(handle.dir)]
+        parts += ["--root", str(root)] if by_name and root is not None else []
+        parts += ["--out", str(out)] if out is not None else []
+        parts += ["--seeds", str(seeds), "--seed-start", str(seed_start),
                  "--baselines", ",".join(f"{n}={s}" if s else n for n, s in parse_baselines(baselines)) or "''"]
         parts += [] if ablation else ["--no-ablation"]
         parts += [] if default else ["--no-default"]
