@@ -54,6 +54,16 @@ def cmd_create(args: argparse.Namespace) -> None:
     print(f"next: ickd sweep run {spec.name} --workers 2" + (f" --root {args.root}" if args.root else ""))
 
 
+def threads_per_worker(workers: int) -> int:
+    """OpenMP threads for each of ``workers`` local training processes: this process's usable
+    cores, shared out (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
 def _spawn_worker(handle: StudyHandle, index: int, workers: int) -> subprocess.Popen:
     logs = handle.dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
@@ -62,7 +72,7 @@ def _spawn_worker(handle: StudyHandle, index: int, workers: int) -> subprocess.P
     # Share the cores: N workers each using every core oversubscribe the CPU, and OpenMP's
     # spin-waiting then makes small-batch training many times slower (measured here, 2 workers on 2
     # cores: the first epoch of a demo trial took 91 s with 2 threads each, 13 s with 1).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
     # Each worker in its own session so a Ctrl-C here is handled once, by us, not twice.
     with open(logs / f"worker-{index}.log", "ab") as out:  # the child keeps its own copy of the fd
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -568,13 +568,6 @@ def pending_runs(plan: Plan, held: Mapping[str, str] | None = None) -> list[RunE
 # local execution
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _run_line(entry: RunEntry, info: Mapping[str, Any]) -> str:
     parts = [f"{entry.row} seed {entry.seed}:"]
     test = info.get("test_final")
@@ -608,13 +601,15 @@ def run_local(
         return {}
     from tqdm.auto import tqdm
 
+    from ickd.sweep.cli import threads_per_worker
+
     bar = tqdm(total=total, initial=total - len(todo) - len(held), desc="compare", unit="run",
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
     say = echo or bar.write
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # N processes each using every core oversubscribe the CPU; OpenMP's spin-waiting then makes
     # small-batch training many times slower (see ickd.sweep.cli._spawn_worker).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // workers)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
     say(f"compare: {len(todo)} of {total} runs to train with {workers} local worker(s)" + (f", {len(held)} held by launched jobs" if held else "") + f"; run logs in {plan.out_dir}/<row>/seed-<s>/train.log")
     queue = list(todo)
     running: list[tuple[RunEntry, subprocess.Popen]] = []
