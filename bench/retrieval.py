@@ -150,11 +150,11 @@ def faiss_skip_reason(device: str) -> str | None:
     """None when the faiss backends can be measured on ``device``, else why not."""
     faiss = import_faiss()
     if faiss is None:
-        return "faiss is not installed (pip install faiss-cpu, or faiss-gpu for GPU search)"
+        return "faiss is not installed (pip install 'ickd[faiss-cpu]', or 'ickd[faiss-gpu]' for GPU search)"
     if device != "cuda":
         return None
     if not hasattr(faiss, "StandardGpuResources"):
-        return f"faiss {faiss.__version__} has no GPU support (faiss-cpu); install faiss-gpu to measure faiss on GPU"
+        return f"faiss {faiss.__version__} has no GPU support (faiss-cpu); install 'ickd[faiss-gpu]' instead to measure faiss on GPU"
     if faiss.get_num_gpus() == 0:
         return "faiss sees no GPU"
     return None

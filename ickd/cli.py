@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: ickd <command> [args]
+USAGE = """usage: ickd <command> [args]    (ickd --version, ickd <command> --help)
 
 commands:
   train [hydra overrides]   train one run (teacher, student, any paradigm); `ickd train --help` lists config groups
@@ -23,13 +23,41 @@ commands:
 """
 
 
+def version() -> str:
+    """The installed distribution's version (importlib.metadata), else the package's ``__version__``."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        return dist_version("ickd")
+    except (ImportError, PackageNotFoundError):
+        from ickd import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # a bare `ickd` is a usage error (exit 2), like argparse's missing command
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"ickd {version()}")
         return
     command, rest = argv[0], argv[1:]
     if command == "train":
+        # Compose and validate first: type errors, unknown keys/options, bad choices and override
+        # grammar exit 2 with the key and the fix (Hydra alone would exit 1, or fail mid-run).
+        from ickd.config_store import precheck_train_args
+        from ickd.errors import ConfigError
+
+        try:
+            precheck_train_args(rest)
+        except ConfigError as exc:
+            print(f"ickd train: {exc}", file=sys.stderr)
+            sys.exit(2)
         # Hydra parses sys.argv itself; present it as `ickd train` to keep its help text right.
         sys.argv = [f"{sys.argv[0]} train", *rest]
         from ickd.train import main as train_main

@@ -20,8 +20,9 @@ from pathlib import Path
 from ickd.config_store import compose_run_config
 from ickd.engine import train
 from ickd.engine.checkpoint import atomic_write_json, atomic_write_text
+from ickd.resources import shipped_path
 
-STUDY_FILE = Path(__file__).resolve().parent.parent / "sweeps" / "fmnist_ickd_quick.yaml"
+STUDY_FILE = shipped_path("sweeps") / "fmnist_ickd_quick.yaml"  # the checkout's or the wheel's copy
 
 
 def _train(label: str, overrides: list[str], run_dir: Path) -> dict:
@@ -146,16 +147,21 @@ def run_story(
             "failed_runs": failed, "total_wall_time_s": time.perf_counter() - start}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ickd demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default demo-runs/<time>)")
     parser.add_argument("--experiment", default="fashion_mnist/demo", help="experiment config the runs start from")
     parser.add_argument("--study-trials", type=int, default=4, help="trials of the IC-KD study")
-    parser.add_argument("--study-workers", type=int, default=2)
+    parser.add_argument("--study-workers", type=int, default=2, help="local workers of the IC-KD study (default 2)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per compared row (>= 2 for a confidence interval)")
     parser.add_argument("--workers", type=int, default=2, help="local processes training the compared runs")
     parser.add_argument("--baselines", default="ce,kd,kd_matched", help="baseline rows (ickd compare --baselines)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run and trial, e.g. trainer.epochs=2")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.study_trials < 1:
         parser.error("--study-trials must be >= 1: the tuned IC-KD row comes from the study")

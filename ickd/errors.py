@@ -26,3 +26,12 @@ class CheckpointError(IckdError):
 
 class NonFiniteLossError(IckdError, FloatingPointError):
     """A training loss became NaN or inf."""
+
+
+class DiskWriteError(IckdError, OSError):
+    """Writing a run's file failed (disk full, quota, read-only or unwritable folder); the message
+    names the file, its filesystem and the fix. Previous versions of the file are left intact."""
+
+
+class TrialsFailedError(IckdError):
+    """A study stopped because its trials failed by themselves (exit 1, not a mistake in the input)."""

@@ -16,9 +16,15 @@ def slug(text: str, limit: int = 40) -> str:
 
 def run_id(group: str, member: str) -> str:
     """A stable id (W&B-safe: letters, digits, - and _, at most 64 characters) for run ``member`` of
-    launch or study ``group``; a short hash keeps two groups with similar names apart."""
+    launch or study ``group``; a short hash keeps two groups with similar names apart.
+
+    The member's number always survives: ``run_id("fmnist-picd", "fmnist-picd-t0007")`` is
+    ``fmnist-picd-t0007-<hash>`` (the group prefix of the member is not repeated, and a long member
+    keeps its tail, where trial/run numbers are)."""
     digest = hashlib.sha1(f"{group}/{member}".encode()).hexdigest()[:8]
-    return f"{slug(group, 30)}-{slug(member, 20)}-{digest}"
+    tail = member[len(group) + 1:] if member.startswith(f"{group}-") and len(member) > len(group) + 1 else member
+    tail = _UNSAFE.sub("-", tail).strip("-")[-20:].strip("-") or "run"
+    return f"{slug(group, 30)}-{tail}-{digest}"
 
 
 def slurm_job_id() -> str | None:

@@ -15,13 +15,84 @@ from tests.helpers import compose_config
 FLAT_MIN = retrieval.CPU_FLAT_MIN_WORK
 
 
+IVF_MIN = retrieval.CUDA_IVF_MIN_SIZE
+
+
 # ----------------------------------------------------------------------------- the rule (pure)
+# No GPU here: torch.device("cuda") needs none to exist (the rule is a pure function of the device
+# type), and whether faiss has GPUs is passed in (faiss_gpu=True/False) as the stand-in for a
+# faiss-gpu / faiss-cpu install seeing a GPU.
 @pytest.mark.parametrize("size,dim", [(100, 8), (50_000, 256), (1_281_167, 512), (1_281_167, 2048), (10**8, 4096)])
-def test_cuda_always_torch(size, dim):
-    # torch.device("cuda") needs no GPU to exist: the rule is a pure function of the device type.
-    choice = choose_backend(size, dim, "cuda", faiss_available=True)
+@pytest.mark.parametrize("faiss_gpu", [True, False])
+def test_cuda_banks_updated_every_step_use_torch(size, dim, faiss_gpu):
+    # overwrite/momentum banks (the default) write at every step: faiss_ivf would re-clone its
+    # index to the GPU each time, so even a million-entry bank with GPU faiss stays on torch.
+    choice = choose_backend(size, dim, "cuda", faiss_available=True, frozen=False, faiss_gpu=faiss_gpu)
     assert (choice.name, choice.exact) == ("torch", True)
-    assert "performance-anchors" in choice.reason
+    assert "performance-anchors" in choice.reason and "frozen" in choice.reason
+
+
+@pytest.mark.parametrize("dim", [128, 512, 2048])
+def test_cuda_frozen_million_entry_bank_uses_gpu_ivf_from_the_threshold(dim):
+    assert IVF_MIN == 1_000_000
+    below = choose_backend(IVF_MIN - 1, dim, "cuda", frozen=True, faiss_gpu=True)
+    at = choose_backend(IVF_MIN, dim, "cuda", frozen=True, faiss_gpu=True)
+    imagenet = choose_backend(1_281_167, dim, "cuda", frozen=True, faiss_gpu=True)
+    assert (below.name, below.exact) == ("torch", True)
+    assert (at.name, at.exact) == ("faiss_ivf", False)
+    assert (imagenet.name, imagenet.exact) == ("faiss_ivf", False)
+    assert "1,281,167" in imagenet.reason and "frozen" in imagenet.reason
+
+
+def test_cuda_frozen_million_entry_bank_without_gpu_faiss_uses_torch_and_says_how_to_get_it():
+    choice = choose_backend(1_281_167, 512, "cuda", frozen=True, faiss_gpu=False)
+    assert (choice.name, choice.exact) == ("torch", True)
+    assert "pip install 'ickd[faiss-gpu]'" in choice.reason
+
+
+@pytest.mark.parametrize("size", [1_000, 1_281_167, 10**8])
+def test_frozen_changes_nothing_on_the_cpu(size):
+    for frozen in (False, True):
+        choice = choose_backend(size, 512, "cpu", faiss_available=True, frozen=frozen, faiss_gpu=True)
+        assert choice.name == ("torch" if size * 512 < FLAT_MIN else "faiss_flat") and choice.exact
+
+
+def test_resolve_on_cuda_detects_faiss_here_has_no_gpus(caplog):
+    # Real detection with this machine's faiss-cpu (no StandardGpuResources): torch, logged once.
+    with caplog.at_level(logging.INFO, logger="ickd.memory"):
+        name, kw, reason = resolve_backend("auto", 1_281_167, 512, "cuda", {"nlist": None}, frozen=True)
+    assert (name, kw) == ("torch", {})
+    assert "ickd[faiss-gpu]" in reason
+    assert len([r for r in caplog.records if "memory.backend=auto chose torch" in r.getMessage()]) == 1
+
+
+def test_resolve_on_cuda_with_gpu_faiss_picks_ivf_on_the_gpu(monkeypatch, caplog):
+    # Stand-in for a faiss-gpu build that sees a GPU (nothing is allocated by resolve_backend).
+    monkeypatch.setattr(retrieval, "_faiss_gpu_available", lambda: True)
+    opts = {"nlist": None, "nprobe": 64, "use_gpu": None}
+    with caplog.at_level(logging.INFO, logger="ickd.memory"):
+        name, kw, reason = resolve_backend("auto", 1_281_167, 2048, "cuda", opts, frozen=True)
+    assert name == "faiss_ivf" and kw["use_gpu"] is True and kw["nprobe"] == 64
+    lines = [r.getMessage() for r in caplog.records if "memory.backend=auto" in r.getMessage()]
+    assert len(lines) == 1 and "chose faiss_ivf (approximate) for a 1281167 x 2048 bank on cuda" in lines[0]
+    # memory.use_gpu=false rules GPU faiss out: exact torch instead.
+    assert resolve_backend("auto", 1_281_167, 2048, "cuda", {"use_gpu": False}, frozen=True)[0] == "torch"
+    # Not frozen: torch, whatever faiss offers.
+    assert resolve_backend("auto", 1_281_167, 2048, "cuda", opts, frozen=False)[0] == "torch"
+
+
+def test_bank_passes_its_update_rule_as_frozen(monkeypatch):
+    seen = []
+    real = retrieval.choose_backend
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("frozen"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "choose_backend", spy)
+    MemoryBank(64, 8, 3, retriever="auto", update="frozen")
+    MemoryBank(64, 8, 3, retriever="auto", update="overwrite")
+    assert seen == [True, False]
 
 
 @pytest.mark.parametrize("dim", [64, 256, 1024])

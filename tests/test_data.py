@@ -187,8 +187,9 @@ def test_fashion_mnist_missing_everywhere_lists_places(tmp_path: Path, monkeypat
     empty_system.mkdir()
     monkeypatch.setattr(fm, "SYSTEM_DIRS", (str(empty_system),))
     root = tmp_path / "nothing_here"
+    monkeypatch.setenv("ICKD_DATA_ROOT", str(root))  # root=null: $ICKD_DATA_ROOT, then the system folders
     with pytest.raises(DatasetNotFoundError) as err:
-        build_data("fashion_mnist", root=str(root), download=False)
+        build_data("fashion_mnist", root=None, download=False)
     msg = str(err.value)
     for place in (root, root / "FashionMNIST" / "raw", empty_system):
         assert str(place) in msg

@@ -308,7 +308,7 @@ def test_config_errors_name_problem_and_fix():
 
 def test_missing_faiss_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
-    with pytest.raises(MissingDependencyError, match="pip install faiss-cpu"):
+    with pytest.raises(MissingDependencyError, match=r"pip install 'ickd\[faiss-cpu\]'"):
         MemoryBank(100, 8, 3, retriever="faiss_flat")
 
 

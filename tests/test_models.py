@@ -306,8 +306,10 @@ def test_checkpoint_with_python_objects_loads_with_a_warning(tmp_path: Path) -> 
     source = randomise_(create_model("resnet8", 10), seed=4)
     torch.save({"model": source.state_dict(), "opt": argparse.Namespace(lr=0.05)}, tmp_path / "opt.pth")
     target = create_model("resnet8", 10)
+    with pytest.raises(CheckpointError, match="argparse.Namespace.*trust_checkpoint=true"):
+        load_pretrained(target, tmp_path / "opt.pth")  # weights-only unless trusted
     with pytest.warns(UserWarning, match="weights_only=False.*argparse.Namespace"):
-        load_pretrained(target, tmp_path / "opt.pth")
+        load_pretrained(target, tmp_path / "opt.pth", trust=True)
     torch.testing.assert_close(_outputs(target), _outputs(source), rtol=0, atol=0)
 
 

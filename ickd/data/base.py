@@ -55,6 +55,29 @@ def resolve_root(root: str | os.PathLike[str] | None) -> Path:
     return Path(os.fspath(chosen)).expanduser()
 
 
+def check_given_root(
+    root: str | os.PathLike[str] | None, dataset: str, download: bool = False, holds: str = "the dataset files", detail: str = "",
+) -> None:
+    """A ``dataset.root`` the user gave must exist: never fall back silently to another copy.
+
+    ``root=None`` keeps each loader's documented fallbacks; with ``download=true`` a missing root is
+    created by the download.
+    """
+    if root in (None, ""):
+        return
+    path = Path(os.fspath(root)).expanduser()
+    if path.is_dir() or (download and not path.exists()):
+        return
+    from ickd.errors import DatasetNotFoundError
+
+    problem = "is not a folder" if path.exists() else "does not exist"
+    raise DatasetNotFoundError(
+        f"{dataset}: dataset.root={root} {problem} (resolved: {path.resolve()}). Fix: point dataset.root at the "
+        f"folder holding {holds}, or set dataset.root=null to use the default places ($ICKD_DATA_ROOT, "
+        "system folders; see the README's Datasets section)" + (f"\n{detail}" if detail else "")
+    )
+
+
 class Loader(Protocol):
     """What both loader kinds provide."""
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from ickd.data.base import DATASETS, TensorBundle, resolve_root
+from ickd.data.base import DATASETS, TensorBundle, check_given_root, resolve_root
 from ickd.data.loader import AugmentSpec
 from ickd.errors import DatasetNotFoundError
 
@@ -104,6 +104,7 @@ def _build(
     *, root: str | os.PathLike[str] | None, download: bool, train_subset: int | None, val_subset: int | None,
     seed: int, check_md5: bool, padding: int, holdout: int | float | None,
 ) -> TensorBundle:
+    check_given_root(root, name, download, holds=f"{tv_cls.base_folder}/")
     base = resolve_root(root)
     folder = base / tv_cls.base_folder
     train, val = _load_cifar(name, tv_cls, base, download, check_md5)

@@ -1,7 +1,9 @@
 """Fashion-MNIST from the four original idx files (gzip or not).
 
 Lookup order, first complete set wins:
-  1. ``root`` (files directly in it, or torchvision's layout ``root/FashionMNIST/raw/``),
+  1. ``root`` (files directly in it, or torchvision's layout ``root/FashionMNIST/raw/``); a given
+     ``root`` is the only place looked at (a missing one is an error, never a silent fallback);
+     with ``root=null``: ``$ICKD_DATA_ROOT``, then
   2. the system folders in ``SYSTEM_DIRS`` (Debian package ``dataset-fashion-mnist``),
   3. torchvision ``FashionMNIST(root, download=True)`` when ``download`` is true.
 A folder that holds the files but a corrupt one is an error (never a silent fall-through to the
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ickd.data.base import DATASETS, TensorBundle, resolve_root
+from ickd.data.base import DATASETS, TensorBundle, check_given_root, resolve_root
 from ickd.data.loader import AugmentSpec
 from ickd.errors import ConfigError, DatasetNotFoundError
 
@@ -88,8 +90,11 @@ def _resolve_file(folder: Path, stem: str) -> Path | None:
 
 
 def _candidate_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
+    if root not in (None, ""):  # a given dataset.root is the only place looked at: no silent fallback
+        base = Path(os.fspath(root)).expanduser()
+        return [base, base / "FashionMNIST" / "raw"]
     dirs: list[Path] = []
-    configured = root if root not in (None, "") else os.environ.get("ICKD_DATA_ROOT")
+    configured = os.environ.get("ICKD_DATA_ROOT")
     if configured:
         base = Path(os.fspath(configured)).expanduser()
         dirs += [base, base / "FashionMNIST" / "raw"]
@@ -104,6 +109,7 @@ def find_fashion_mnist(
 
     Raises DatasetNotFoundError listing every folder looked at (and what was missing) plus the fixes.
     """
+    check_given_root(root, "fashion_mnist", download, holds="the four idx files")
     stems = [s for pair in FILES.values() for s in pair]
     looked: list[str] = []
     for folder in _candidate_dirs(root):
@@ -128,8 +134,12 @@ def find_fashion_mnist(
             looked.append(f"{folder} (download finished but files are missing)")
     else:
         looked.append("download (not tried: dataset.download=false)")
+    only = (
+        f"dataset.root={root} is set, so only it was searched; set dataset.root=null to use $ICKD_DATA_ROOT "
+        f"and {', '.join(SYSTEM_DIRS)}.\n" if root not in (None, "") else ""
+    )
     raise DatasetNotFoundError(
-        "fashion_mnist: could not find the four idx files. Looked at:\n  - " + "\n  - ".join(looked) + "\n" + _FIX
+        "fashion_mnist: could not find the four idx files. Looked at:\n  - " + "\n  - ".join(looked) + "\n" + only + _FIX
     )
 
 

@@ -20,7 +20,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ickd.data.base import DATASETS, VAL_SALT, DataBundle, check_subset, resolve_root, split_train, stratified_subset
+from ickd.data.base import DATASETS, VAL_SALT, DataBundle, check_given_root, check_subset, resolve_root, split_train, stratified_subset
 from ickd.data.loader import (
     STREAM_AUGMENT,
     STREAM_ORDER,
@@ -320,6 +320,7 @@ def build_imagenet(
         )
     if not isinstance(image_size, int) or image_size < 8:
         raise ConfigError(f"dataset.image_size must be an integer >= 8, got {image_size!r}")
+    check_given_root(root, "imagenet", holds="train/ and val/", detail=_LAYOUT)
     base = resolve_root(root)
     train_dir, val_dir = base / "train", base / "val"
     _check_split_dir(train_dir, "train")

@@ -41,7 +41,7 @@ def resolve_checkpoint_path(path: str) -> Path:
 
 def build_teacher(cfg: Mapping[str, Any], num_classes: int, in_channels: int) -> nn.Module:
     spec = cfg["teacher"]
-    ckpt = spec.get("checkpoint")
+    ckpt = spec["checkpoint"]
     if not ckpt:
         raise ConfigError(
             f"offline distillation with distill={cfg['distill']['name']} needs a trained teacher, but teacher.checkpoint is not set. "
@@ -49,7 +49,8 @@ def build_teacher(cfg: Mapping[str, Any], num_classes: int, in_channels: int) ->
             "teacher.checkpoint=<its run folder or checkpoints/best.pt>, or use a published CIFAR-100 teacher file (README)."
         )
     teacher = _build_net(spec, num_classes, in_channels)
-    load_pretrained(teacher, str(resolve_checkpoint_path(str(ckpt))), strict=True)
+    # Weights-only unless the user says the file is trusted (full unpickling can run code from it).
+    load_pretrained(teacher, str(resolve_checkpoint_path(str(ckpt))), strict=True, trust=bool(spec.get("trust_checkpoint")))
     return teacher
 
 
@@ -60,10 +61,10 @@ def build_bank(
     """The memory bank of ``cfg["memory"]``. ``fill_pass``: whether a no-grad pass fills it before
     training (default: paradigm=offline with memory.fill=pass, the only setting that has one)."""
     mem = cfg["memory"]
-    transform = str(mem.get("feature_transform", "none"))
+    transform = str(mem["feature_transform"])
     if fill_pass is None:
-        paradigm = str((cfg.get("paradigm") or {}).get("name", "offline"))
-        fill_pass = paradigm == "offline" and str(mem.get("fill", "pass")) == "pass"
+        paradigm = str(cfg["paradigm"]["name"])
+        fill_pass = paradigm == "offline" and str(mem["fill"]) == "pass"
     if transform == "auto":
         # Whitening needs the whole bank once (a fill pass); banks filled online are only centred.
         transform = "center_whiten" if fill_pass else "center"
@@ -73,32 +74,32 @@ def build_bank(
             "training, but this bank is filled online (memory.fill=online, or the online/teacher_free paradigm); "
             "use memory.feature_transform=center, or memory.fill=pass in the offline paradigm"
         )
-    dtype_name = str(mem.get("feature_dtype", "auto"))
+    dtype_name = str(mem["feature_dtype"])
     if dtype_name == "auto":
         # fp16 halves the bytes the similarity matmul reads on the GPU (accumulation stays fp32 in
         # cuBLAS); on CPU a half matmul is slower than fp32, so the bank stays fp32 there.
         dtype_name = "float16" if torch.device(device).type == "cuda" else "float32"
     if dtype_name not in FEATURE_DTYPES:
         raise ConfigError(f"memory.feature_dtype={dtype_name!r} is not one of {sorted(FEATURE_DTYPES)} or auto")
-    retriever_kwargs = {k: mem[k] for k in ("nlist", "nprobe", "use_gpu") if mem.get(k) is not None}
+    retriever_kwargs = {k: mem[k] for k in ("nlist", "nprobe", "use_gpu") if mem[k] is not None}
     spec = retrieval_spec(cfg)
     bank = MemoryBank(
         num_samples=num_samples,
         feature_dim=feature_dim,
         num_logits=num_classes,
-        size=mem.get("size"),
-        subset=str(mem.get("subset", "fifo")),
-        update=str(mem.get("update", "overwrite")),
-        momentum=float(mem.get("momentum", 0.9)),
-        retriever=str(mem.get("backend", "torch")),
+        size=mem["size"],
+        subset=str(mem["subset"]),
+        update=str(mem["update"]),
+        momentum=float(mem["momentum"]),
+        retriever=str(mem["backend"]),
         retriever_kwargs=retriever_kwargs,
         feature_dtype=FEATURE_DTYPES[dtype_name],
         device=device,
         seed=seed,
         feature_transform=transform,
-        center_momentum=mem.get("center_momentum", 0.99),
+        center_momentum=mem["center_momentum"],
         retrieval=spec.retrieval,
-        whiten_eps=float(mem.get("whiten_eps", 1e-2)),
+        whiten_eps=float(mem["whiten_eps"]),
     )
     bank.check_k(spec.k, k_pos=spec.k_pos, k_neg=spec.k_neg, split=spec.split)
     return bank
@@ -106,19 +107,19 @@ def build_bank(
 
 def retrieval_spec(cfg: Mapping[str, Any]) -> RetrievalSpec:
     mem = cfg["memory"]
-    split = str(mem.get("split", "topk"))
-    k_pos = mem.get("k_pos") if split == "separate" else None
-    k_neg = mem.get("k_neg") if split == "separate" else None
+    split = str(mem["split"])
+    k_pos = mem["k_pos"] if split == "separate" else None
+    k_neg = mem["k_neg"] if split == "separate" else None
     k = int(mem["k"]) if split != "separate" else int(k_pos or 0) + int(k_neg or 0)
-    return RetrievalSpec(k=k, split=split, k_pos=k_pos, k_neg=k_neg, retrieval=str(mem.get("retrieval", "knn")))
+    return RetrievalSpec(k=k, split=split, k_pos=k_pos, k_neg=k_neg, retrieval=str(mem["retrieval"]))
 
 
 def build_distiller(cfg: Mapping[str, Any], num_classes: int, in_channels: int, num_train: int, device: torch.device) -> Distiller:
     """Build the distiller of a run. ``stage=teacher`` trains ``model`` (or the teacher architecture) with CE."""
-    stage = str(cfg.get("stage", "student"))
-    seed = int(cfg.get("seed", 0))
+    stage = str(cfg["stage"])
+    seed = int(cfg["seed"])
     if stage == "teacher":
-        spec = cfg.get("model") or cfg["teacher"]
+        spec = cfg["model"] or cfg["teacher"]
         net = _build_net(spec, num_classes, in_channels)
         method = create_method({"name": "ce", "ce_weight": 1.0})
         return OfflineDistiller(net, method, None, teacher=None, bank=None).to(device)
@@ -130,7 +131,7 @@ def build_distiller(cfg: Mapping[str, Any], num_classes: int, in_channels: int, 
     PARADIGMS.get(paradigm)  # clear error listing valid paradigms
     student = _build_net(cfg["student"], num_classes, in_channels)
     retrieval = retrieval_spec(cfg) if method.needs_bank else None
-    if method.needs_bank and paradigm != "offline" and str(cfg["memory"].get("update", "overwrite")) == "frozen":
+    if method.needs_bank and paradigm != "offline" and str(cfg["memory"]["update"]) == "frozen":
         # Online and teacher-free banks are filled during the first epoch by networks that are still
         # training: freezing them would keep near-random early outputs for the whole run.
         raise ConfigError(
@@ -138,7 +139,7 @@ def build_distiller(cfg: Mapping[str, Any], num_classes: int, in_channels: int, 
             "that is still learning (near-random features and logits) for the whole run; use memory.update=overwrite "
             "or momentum, or paradigm=offline (a frozen pre-trained teacher) for a frozen bank"
         )
-    fill_pass = str(cfg["memory"].get("fill", "pass")) == "pass"
+    fill_pass = str(cfg["memory"]["fill"]) == "pass"
 
     if paradigm == "offline":
         teacher = build_teacher(cfg, num_classes, in_channels) if method.needs_teacher else None
@@ -158,10 +159,10 @@ def build_distiller(cfg: Mapping[str, Any], num_classes: int, in_channels: int, 
         return OnlineDistiller(student, method, retrieval, peer=peer, banks=banks).to(device)
 
     # teacher_free
-    source = str(cfg["paradigm"].get("bank_source", "ema"))
+    source = str(cfg["paradigm"]["bank_source"])
     if source not in ("self", "ema"):
         raise ConfigError(f"paradigm.bank_source={source!r} is not valid; use self or ema")
     bank = build_bank(cfg, num_train, student.feature_dim, num_classes, device, seed) if method.needs_bank else None
     return TeacherFreeDistiller(
-        student, method, retrieval, bank=bank, source=source, ema_decay=float(cfg["paradigm"].get("ema_decay", 0.999))
+        student, method, retrieval, bank=bank, source=source, ema_decay=float(cfg["paradigm"]["ema_decay"])
     ).to(device)

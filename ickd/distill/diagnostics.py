@@ -68,8 +68,8 @@ def signal_diagnostics(
         raise ConfigError("signal diagnostics need an offline IC-KD distiller with a teacher and its memory bank (distill=ickd paradigm=offline)")
     bank = distiller.banks["teacher"]
     method = distiller.method
-    tau_r = float(method.cfg.get("tau_r", 0.1))
-    weighting = str(method.cfg.get("picd_weighting", "similarity"))
+    tau_r = float(method.cfg["tau_r"])
+    weighting = str(method.cfg["picd_weighting"])
     params = [p for p in distiller.student.parameters() if p.requires_grad]
     distiller.eval()  # fixed BN statistics: the measurement must not change the student
     spreads, row_stds, means, pos_fracs, ratios, cosines = [], [], [], [], [], []

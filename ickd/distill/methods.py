@@ -76,7 +76,7 @@ class CrossEntropy(LossMethod):
     needs_teacher = False
 
     def __call__(self, student_logits, teacher_logits, labels, neighbours, epoch):
-        return {"ce": float(self.cfg.get("ce_weight", 1.0)) * F.cross_entropy(student_logits.float(), labels)}
+        return {"ce": float(self.cfg["ce_weight"]) * F.cross_entropy(student_logits.float(), labels)}
 
 
 @METHODS.register("kd")
@@ -121,7 +121,7 @@ class ICKD(LossMethod):
 
     def nicd_temperature(self) -> float:
         """T_n of NICD (``distill.nicd_temperature``); null means the KD temperature T."""
-        value = self.cfg.get("nicd_temperature")
+        value = self.cfg["nicd_temperature"]
         return float(self.cfg["temperature"]) if value is None else float(value)
 
     def __call__(self, student_logits, teacher_logits, labels, neighbours, epoch):

@@ -55,10 +55,24 @@ class MetricsFile(Callback):
         self.path = Path(path)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = (json.dumps(metrics, sort_keys=True) + "\n").encode()
+        try:
+            with open(self.path, "ab", buffering=0) as f:
+                size = f.tell()
+                try:
+                    if f.write(line) != len(line):
+                        raise OSError(28, "No space left on device (short write)")
+                    os.fsync(f.fileno())
+                except OSError:
+                    try:  # no torn line: the file keeps its complete lines
+                        os.ftruncate(f.fileno(), size)
+                    except OSError:
+                        pass
+                    raise
+        except OSError as exc:
+            from ickd.engine.checkpoint import disk_write_error
+
+            raise disk_write_error(self.path, exc) from exc
 
 
 class CallbackList(Callback):

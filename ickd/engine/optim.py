@@ -14,7 +14,7 @@ SCHEDULES = ("multistep", "cosine", "constant")
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any], fused: bool = False) -> torch.optim.Optimizer:
     """``fused``: one fused kernel per step on CUDA instead of several multi-tensor launches (the
     optimiser runs outside the captured step, so its launch count is part of every step)."""
-    name = str(cfg.get("name", "sgd"))
+    name = str(cfg["name"])
     speed = {"fused": True} if fused else {}
     lr = float(cfg["lr"])
     if lr <= 0:
@@ -23,29 +23,29 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any]
         return torch.optim.SGD(
             params,
             lr=lr,
-            momentum=float(cfg.get("momentum", 0.9)),
-            nesterov=bool(cfg.get("nesterov", False)),
-            weight_decay=float(cfg.get("weight_decay", 0.0)),
+            momentum=float(cfg["momentum"]),
+            nesterov=bool(cfg["nesterov"]),
+            weight_decay=float(cfg["weight_decay"]),
             **speed,
         )
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)), **speed)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg["weight_decay"]), **speed)
     raise ConfigError(f"optim.name={name!r} is not valid; use sgd or adamw")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-epoch schedule (stepped once per epoch), with an optional linear warm-up."""
-    kind = str(cfg.get("schedule", "multistep"))
-    warmup = int(cfg.get("warmup_epochs", 0))
+    kind = str(cfg["schedule"])
+    warmup = int(cfg["warmup_epochs"])
     if kind == "multistep":
-        milestones = sorted(int(m) for m in cfg.get("milestones", []))
-        gamma = float(cfg.get("gamma", 0.1))
+        milestones = sorted(int(m) for m in cfg["milestones"])
+        gamma = float(cfg["gamma"])
 
         def factor(epoch: int) -> float:
             return gamma ** sum(epoch >= m for m in milestones)
 
     elif kind == "cosine":
-        min_factor = float(cfg.get("min_lr_factor", 0.0))
+        min_factor = float(cfg["min_lr_factor"])
 
         def factor(epoch: int) -> float:
             span = max(1, epochs - warmup)

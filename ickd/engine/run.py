@@ -30,10 +30,10 @@ def to_container(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_name(cfg: Mapping[str, Any]) -> str:
-    if cfg.get("name"):
+    if cfg["name"]:
         return str(cfg["name"])
-    if cfg.get("stage") == "teacher":
-        model = (cfg.get("model") or cfg["teacher"])["name"]
+    if cfg["stage"] == "teacher":
+        model = (cfg["model"] or cfg["teacher"])["name"]
         return f"teacher-{model}-{cfg['dataset']['name']}"
     return f"{cfg['distill']['name']}-{cfg['paradigm']['name']}-{cfg['student']['name']}-{cfg['dataset']['name']}"
 
@@ -42,13 +42,13 @@ def build_data_from_config(cfg: Mapping[str, Any]):
     ds = cfg["dataset"]
     return build_data(
         str(ds["name"]),
-        root=ds.get("root"),
-        download=bool(ds.get("download", False)),
-        train_subset=ds.get("train_subset"),
-        val_subset=ds.get("val_subset"),
-        seed=int(ds.get("subset_seed", 0)),
-        holdout=ds.get("holdout"),
-        **dict(ds.get("kwargs") or {}),
+        root=ds["root"],
+        download=bool(ds["download"]),
+        train_subset=ds["train_subset"],
+        val_subset=ds["val_subset"],
+        seed=int(ds["subset_seed"]),
+        holdout=ds["holdout"],
+        **dict(ds["kwargs"] or {}),
     )
 
 
@@ -70,7 +70,7 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
     distributed.per_rank_batch(trainer_cfg.eval_batch_size, world, "trainer.eval_batch_size")
     if trainer_cfg.threads:
         torch.set_num_threads(int(trainer_cfg.threads))
-    seed = int(config.get("seed", 0))
+    seed = int(config["seed"])
     seed_everything(seed, trainer_cfg.deterministic)
     device = resolve_device(trainer_cfg.device)
     dist_env = distributed.init_distributed(device.type)
@@ -78,7 +78,7 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
 
     data = build_data_from_config(config)
-    mem_size = config.get("memory", {}).get("size")
+    mem_size = config["memory"]["size"]
     if mem_size is not None and int(mem_size) > data.num_train:
         raise ConfigError(
             f"memory.size={mem_size} is larger than the training set of {config['dataset']['name']} "
@@ -93,7 +93,7 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
         out,
         seed=seed,
         run_name=run_name(config),
-        stage=str(config.get("stage", "student")),
+        stage=str(config["stage"]),
         run_config=config,
         callbacks=callbacks,
         device=device,

@@ -25,8 +25,9 @@ from ickd.engine.callbacks import Callback, CallbackList, MetricsFile, RunInfo
 from ickd.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from ickd.engine.distributed import DistEnv
 from ickd.engine.optim import build_optimizer, build_scheduler
+from ickd.engine.progress import PROGRESS_FILE, ProgressTracker, format_duration
 from ickd.engine.step import CudaGraphStep, EpochMeters, StepResult
-from ickd.errors import CheckpointError, ConfigError, NonFiniteLossError
+from ickd.errors import CheckpointError, ConfigError, DiskWriteError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,16 @@ CHECKPOINT_VERSION = 1
 # checkpoint, data, optimiser, seed, batch limits) must equal the checkpoint's: otherwise resuming
 # would silently relabel the run (docs/design.md, "Resume safety").
 RESUME_MUTABLE_KEYS = (
-    "trainer.epochs", "trainer.progress", "trainer.resume", "trainer.resume_config_check", "trainer.threads",
+    "trainer.epochs", "trainer.progress", "trainer.progress_interval_s", "trainer.resume", "trainer.resume_config_check", "trainer.threads",
     "trainer.num_workers", "trainer.eval_batch_size", "trainer.eval_every", "trainer.checkpoint_every",
     "trainer.nonfinite_check_every", "trainer.device", "trainer.pipeline", "trainer.step",
     "logger", "name", "hydra",
     "memory.backend", "memory.nlist", "memory.nprobe", "memory.use_gpu",
 )
 RESUME_DIFFS_SHOWN = 10
+# Keys the typed configs (ickd.config_schema) added with the value their absence meant: a checkpoint
+# written before them, resumed under that value, continues the same config.
+ADDED_KEYS: dict[str, Any] = {"pair": None, "model": None, "teacher.trust_checkpoint": False, "optim.min_lr_factor": 0.0}
 
 
 class _Absent:
@@ -85,7 +89,8 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     """(dotted key, checkpoint's value, this run's value) for every key outside
     ``RESUME_MUTABLE_KEYS`` that differs; method/model names first, so the headline change shows."""
     old, new = _flatten(plain_config(saved)), _flatten(plain_config(current))
-    keys = [k for k in set(old) | set(new) if not resume_mutable(k) and not _same(old.get(k, _ABSENT), new.get(k, _ABSENT))]
+    keys = [k for k in set(old) | set(new) if not resume_mutable(k) and not _same(old.get(k, _ABSENT), new.get(k, _ABSENT))
+            and not (k not in old and k in ADDED_KEYS and _same(new[k], ADDED_KEYS[k]))]
     keys.sort(key=lambda k: (not (k == "stage" or k.endswith(".name")), k))
     return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys]
 
@@ -128,7 +133,8 @@ class TrainerConfig:
     num_workers: int = 4
     checkpoint_every: int = 1
     resume: str = "auto"           # auto | never | PATH to a last.pt
-    progress: str = "auto"         # auto (when stderr is a terminal) | on | off
+    progress: str = "auto"         # auto (bar on a terminal, else log lines) | on (bar) | off (neither)
+    progress_interval_s: float = 60.0  # seconds between progress lines/progress.json ticks inside an epoch; 0 disables
     max_batches_per_epoch: int | None = None
     eval_every: int = 1
     threads: int | None = None
@@ -150,12 +156,19 @@ class TrainerConfig:
             raise ConfigError(f"trainer.step={tc.step!r} is not valid; use one of: {', '.join(STEP_MODES)}")
         if not isinstance(tc.resume_config_check, bool):
             raise ConfigError(f"trainer.resume_config_check={tc.resume_config_check!r} must be true or false")
+        if isinstance(tc.progress, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            tc.progress = "on" if tc.progress else "off"
+        if tc.progress not in PROGRESS_MODES:
+            raise ConfigError(f"trainer.progress={tc.progress!r} is not valid; use one of: {', '.join(PROGRESS_MODES)}")
+        if not isinstance(tc.progress_interval_s, (int, float)) or isinstance(tc.progress_interval_s, bool) or tc.progress_interval_s < 0:
+            raise ConfigError(f"trainer.progress_interval_s={tc.progress_interval_s!r} must be a number of seconds >= 0 (0 disables the progress lines)")
         if tc.nonfinite_check_every is not None and int(tc.nonfinite_check_every) < 1:
             raise ConfigError(f"trainer.nonfinite_check_every={tc.nonfinite_check_every} must be >= 1 or null (auto)")
         return tc
 
 
 STEP_MODES = ("auto", "eager", "graph")
+PROGRESS_MODES = ("auto", "on", "off")  # auto: a tqdm bar on a terminal, log lines off one; on: the bar; off: neither
 
 
 def resolve_device(name: str) -> torch.device:
@@ -302,6 +315,14 @@ class Trainer:
         # dataset.holdout: a split of the train set; with one, it (not the test set) selects best.pt.
         self.holdout_loader = data.holdout_loader(self._eval_batch, **self._loader_kw) if getattr(data, "num_holdout", 0) else None
         self.selection_split = "holdout" if self.holdout_loader is not None else "test"
+        # Progress lines off a terminal and the run folder's progress.json (rank 0 only).
+        self.progress = ProgressTracker(
+            self.out_dir / PROGRESS_FILE if self.dist.is_main else None,
+            epochs=trainer_cfg.epochs, eval_every=trainer_cfg.eval_every, interval_s=trainer_cfg.progress_interval_s,
+            log_lines=self.dist.is_main and self._progress_mode() == "lines", logger=log,
+            eval_images=int(getattr(data, "num_val", 0) or 0) + int(getattr(data, "num_holdout", 0) or 0),
+            world_size=self.dist.world_size,
+        )
 
     # --- one step ----------------------------------------------------------------------------
     def _resolve_step_mode(self) -> str:
@@ -365,10 +386,21 @@ class Trainer:
         return result
 
     # --- loops -------------------------------------------------------------------------------
-    def _progress(self, iterable, total: int, desc: str):
+    def _batches_per_epoch(self) -> int:
+        limit = self.cfg.max_batches_per_epoch
+        return len(self.train_loader) if limit is None else min(limit, len(self.train_loader))
+
+    def _progress_mode(self) -> str:
+        """``bar`` (tqdm), ``lines`` (a log line every trainer.progress_interval_s) or ``off``."""
         mode = self.cfg.progress
-        enabled = mode in ("on", True) or (mode == "auto" and sys.stderr.isatty())
-        if not enabled:
+        if mode in ("on", True):
+            return "bar"
+        if mode == "auto":
+            return "bar" if sys.stderr.isatty() else "lines"
+        return "off"
+
+    def _progress(self, iterable, total: int, desc: str):
+        if self._progress_mode() != "bar" or not self.dist.is_main:
             return iterable
         from tqdm.auto import tqdm
 
@@ -389,6 +421,7 @@ class Trainer:
         # already trained reproduces exactly the batches an uninterrupted run would see next.
         batches = itertools.islice(iter(self.train_loader), first, n_batches)
         bar = self._progress(batches, n_batches - first, f"epoch {epoch + 1}/{self.cfg.epochs}")
+        self.progress.epoch_started(epoch, n_batches, first)
         for step, (x, y, idx) in enumerate(bar, start=first):
             total, losses, stats, logits = self._run_step(x, y, idx, epoch)
             seen += y.shape[0]
@@ -397,12 +430,14 @@ class Trainer:
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{total.item():.3f}")
             done = step + 1
+            self.progress.batch_done(done, y.shape[0])  # a clock check; a line/progress.json when due
             if self._interrupt_requested():
                 self._check_finite(epoch)
                 raise _Interrupted({
                     "epoch": epoch, "step": done, "sums": {k: v.item() for k, v in self.meters.sums.items()},
                     "correct": self.meters.correct.item(), "seen": seen, "elapsed_s": time.perf_counter() - start,
                 })
+        self.progress.epoch_trained()
         sums, correct = self.meters.sums, self.meters.correct
         if self.dist.world_size > 1:
             sums, correct, seen = self._reduce_epoch(sums, correct, seen)
@@ -609,9 +644,11 @@ class Trainer:
             )
         if resume_path is not None:
             self.resume(resume_path)
+            self.progress.start(self.start_epoch, self._batches_per_epoch())
         else:
             if self.dist.is_main:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self.progress.start(0, self._batches_per_epoch())
             self.fill_banks()
         self.run_info.start_epoch = self.start_epoch
         self.run_info.extra["start_batch"] = int(self.partial["step"]) if self.partial else 0
@@ -632,7 +669,9 @@ class Trainer:
                     break
                 self.scheduler.step()
                 if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
+                    self.progress.phase("evaluating")
                     metrics.update(self.evaluate())
+                    self.progress.eval_done()
                 metrics.update(self.distiller.bank_stats())
                 top1 = metrics.get("val/top1", -1.0)
                 is_best = top1 > self.best_top1
@@ -649,15 +688,16 @@ class Trainer:
                 self.callbacks.on_epoch_end(epoch + 1, metrics)
                 last = metrics
                 loss = metrics.get("train/loss", math.nan)
+                eta = format_duration(self.progress.epoch_end(epoch + 1))
                 if self.holdout_loader is not None:
                     log.info(
-                        "epoch %d/%d loss %.4f holdout top1 %.2f (best %.2f) test top1 %.2f %.1fs",
-                        epoch + 1, self.cfg.epochs, loss, top1, self.best_top1, metrics.get("test/top1", math.nan), metrics["time/epoch_s"],
+                        "epoch %d/%d loss %.4f holdout top1 %.2f (best %.2f) test top1 %.2f %.1fs eta %s",
+                        epoch + 1, self.cfg.epochs, loss, top1, self.best_top1, metrics.get("test/top1", math.nan), metrics["time/epoch_s"], eta,
                     )
                 else:
                     log.info(
-                        "epoch %d/%d loss %.4f test top1 %.2f (best %.2f; no holdout: selection on test) %.1fs",
-                        epoch + 1, self.cfg.epochs, loss, top1, self.best_top1, metrics["time/epoch_s"],
+                        "epoch %d/%d loss %.4f test top1 %.2f (best %.2f; no holdout: selection on test) %.1fs eta %s",
+                        epoch + 1, self.cfg.epochs, loss, top1, self.best_top1, metrics["time/epoch_s"], eta,
                     )
                 if epoch + 1 < self.cfg.epochs and self._interrupt_requested():
                     if not saved:
@@ -669,6 +709,9 @@ class Trainer:
                     break
         except NonFiniteLossError:
             status = "nonfinite"
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C (ickd.engine.interrupt): the last checkpoint stays
+            status = "interrupted"
             raise
         except BaseException:
             status = "failed"
@@ -699,7 +742,15 @@ class Trainer:
             if status != "completed" or resume_path is not None:
                 summary["resumed_from_epoch"] = self.run_info.start_epoch
             if self.dist.is_main:
-                atomic_write_json(self.out_dir / "result.json", summary)
+                try:
+                    atomic_write_json(self.out_dir / "result.json", summary)
+                except DiskWriteError as exc:
+                    if status == "completed":
+                        raise
+                    # Already failing (often for the same full disk): keep that error; the old
+                    # result.json, if any, is intact (atomic write).
+                    log.error("%s", exc)
+            self.progress.finish(status)
             self.callbacks.on_run_end(summary)
         return summary
 
@@ -716,6 +767,8 @@ class Trainer:
         loader = self.data.train_loader(self._eval_batch, shuffle=shuffle, augment=False, seed=self.seed, **self._loader_kw)
         loader.set_epoch(0)
         batches = self._progress(loader, len(loader), "filling memory bank")
+        self.progress.phase("filling")
+        log.info("filling the memory bank(s): %d batches of %d images", len(loader), self._eval_batch)
         if self.dist.world_size > 1:  # each rank fills from its shard; GatheredBank.fill shares the rows
             batches = distributed.pad_steps(batches, distributed.fill_steps(self.data.num_train, self._eval_batch, self.dist.world_size))
         if self.channels_last:

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ickd.engine.progress import LIVE_STATUSES, combined_eta, eta_now, format_duration, read_progress
 from ickd.errors import ConfigError
 from ickd.launch.manifest import Launch
 
@@ -117,6 +118,11 @@ def _run_progress(out_dir: str | None) -> dict[str, Any]:
         summary = json.loads(result.read_text())
         info["run_status"] = summary.get("status")
         info["epochs"] = summary.get("epochs")
+        info["wall_time_s"] = summary.get("wall_time_s")
+    progress = read_progress(folder)  # the trainer's progress.json: live epoch/batch and ETA
+    if progress is not None:
+        info["progress"] = progress
+        info.setdefault("epochs", progress.get("epochs"))
     events = folder / "events.jsonl"
     if events.is_file():
         info["starts"] = sum(1 for x in events.read_text().splitlines() if '"event": "start"' in x)
@@ -153,8 +159,42 @@ def rows(launch: Launch) -> list[dict[str, Any]]:
         else:
             row.update({"run": entry["run"], "run_id": entry.get("wandb_run_id"), "out_dir": entry["out_dir"]})
             row.update(_run_progress(entry["out_dir"]))
+        row["eta"] = _row_eta(row, launch.kind)
         table.append(row)
     return table
+
+
+def _row_eta(row: dict[str, Any], kind: str) -> float | str | None:
+    """'done' for a completed run, the seconds left of a running one (its progress.json), else None."""
+    if kind != "sweep" and row.get("run_status") == "completed":
+        return "done"
+    if row["state"] == "RUNNING":
+        return eta_now(row.get("progress"))
+    return None
+
+
+def launch_eta(launch: Launch, table: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """(seconds, how) for the whole launch: :func:`ickd.engine.progress.combined_eta` over its runs
+    (a study launch: over the study's trials, as `ickd sweep status` shows it)."""
+    if launch.kind == "sweep":
+        from ickd.sweep.progress import study_eta
+        from ickd.sweep.studies import StudyHandle
+
+        return study_eta(StudyHandle.load(launch.data["study"]["dir"]))
+    running = [r["eta"] if isinstance(r["eta"], (int, float)) else None for r in table if r["state"] == "RUNNING" and r["eta"] != "done"]
+    queued = sum(1 for r in table if r["eta"] != "done" and r["state"] != "RUNNING" and (r["state"] in ACTIVE or r["state"] == "UNSUBMITTED"))
+    durations = [float(r["wall_time_s"]) for r in table if r["eta"] == "done" and isinstance(r.get("wall_time_s"), (int, float))]
+    mean = sum(durations) / len(durations) if durations else None
+    eta = combined_eta(running, queued, mean)
+    if not running and not queued:
+        unfinished = sum(1 for r in table if r["eta"] != "done")
+        if unfinished:
+            return None, f"nothing running or queued; {unfinished} run(s) did not finish: `ickd jobs resubmit-failed {launch.name}`"
+        return eta, "every run completed"
+    how = f"{len(running)} running, {queued} queued"
+    if queued:
+        how += f", queued runs at the mean finished run's {format_duration(mean)}" if mean is not None else ", no run finished yet to time the queued ones"
+    return eta, how
 
 
 def print_status(launch: Launch) -> None:
@@ -168,20 +208,27 @@ def print_status(launch: Launch) -> None:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     print("jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     if launch.kind == "sweep":
-        header = ["job", "state", "workers", "trials", "epoch", "run_id"]
+        header = ["job", "state", "workers", "trials", "epoch", "eta", "run_id"]
     else:
-        header = ["job", "state", "run", "epoch", "best_top1", "test_top1", "starts", "run_id", "out_dir"]
+        header = ["job", "state", "run", "epoch", "eta", "best_top1", "test_top1", "starts", "run_id", "out_dir"]
     cells = [[_fmt(row, key) for key in header] for row in table]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
     print("  ".join(h.upper().ljust(w) for h, w in zip(header, widths)))
     for c in cells:
         print("  ".join(x.ljust(w) for x, w in zip(c, widths)))
+    eta, how = launch_eta(launch, table)
+    print(f"eta: {'done' if eta == 0 else format_duration(eta) if eta is not None else 'unknown'} ({how})")
 
 
 def _fmt(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
+    if key == "epoch" and row.get("state") == "RUNNING" and row.get("progress", {}).get("status") in LIVE_STATUSES:
+        live = row["progress"]  # the epoch in flight and its batch, from progress.json
+        return f"{live.get('epoch')}/{live.get('epochs')} b{live.get('batch')}/{live.get('batches')}"
     if key == "epoch" and value is not None and row.get("epochs"):
         return f"{value}/{row['epochs']}"
+    if key == "eta":
+        return value if isinstance(value, str) else format_duration(value)
     if isinstance(value, float):
         return f"{value:.2f}"
     return "-" if value is None else str(value)

@@ -18,8 +18,10 @@ from typing import Any
 import yaml
 
 from ickd.errors import ConfigError
+from ickd.resources import shipped_path
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent.parent / "slurm" / "profiles"
+# slurm/profiles in a checkout, ickd/_shipped/profiles in a wheel install (ickd.resources).
+PROFILE_DIR = shipped_path("profiles")
 
 # hydra-submitit-launcher's names (what users already write), with their types.
 SLURM_KEYS: dict[str, type | tuple[type, ...]] = {

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ickd.config_store import compose_run_config
-from ickd.errors import ConfigError, IckdError
+from ickd.config_store import compose_checked
+from ickd.errors import ConfigError
 from ickd.launch.manifest import Launch, new_launch_name, snapshot_code
 from ickd.launch.profiles import Profile, check_against_cluster
 from ickd.launch.tasks import RunSpec, SweepTask, TrainTask, WorkerSpec
@@ -28,7 +28,10 @@ def expand_grid(overrides: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as exc:  # Hydra's OverrideParseException; the message shows the offending text
-        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+        from ickd.config_schema import _scrub_secrets
+
+        shown, reason = _scrub_secrets(list(overrides), str(exc))
+        raise ConfigError(f"cannot parse overrides {shown}: {reason}") from exc
     axes: list[list[str]] = []
     for o in parsed:
         if o.is_sweep_override():
@@ -126,13 +129,11 @@ def launch_runs(kind: str, overrides: list[str], profile: Profile, name: str | N
     grid = expand_grid(overrides) if kind == "grid" else [list(overrides)]
     if kind == "train" and len(expand_grid(overrides)) > 1:
         raise ConfigError("comma-separated values make a grid: use `ickd launch grid ...` (or quote the value)")
-    for run_overrides in grid:  # every run must compose before anything is submitted
+    for run_overrides in grid:  # every run must compose and validate before anything is submitted
         try:
-            compose_run_config(run_overrides)
-        except IckdError:
-            raise
-        except Exception as exc:  # Hydra/OmegaConf composition errors name the bad group or key
-            raise ConfigError(f"run `{' '.join(run_overrides)}` does not compose: {exc}") from exc
+            compose_checked(run_overrides)  # types, unknown keys, choices (ickd.config_schema)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} [run: {' '.join(run_overrides)}]") from exc
     if dry_run:
         print(f"{len(grid)} run(s) would be submitted with profile {profile.name}:")
         for run_overrides in grid:

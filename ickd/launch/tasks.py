@@ -22,6 +22,7 @@ from typing import Any
 
 from ickd.errors import IckdError
 from ickd.launch.preemption import EXIT_INTERRUPTED, REQUEUE_SIGNAL, PreemptionGuard, append_event
+from ickd.run_logging import FALLBACK_FORMAT, configure_run_logging
 
 log = logging.getLogger("ickd.launch")
 
@@ -81,20 +82,26 @@ def limit_threads() -> None:
 
 def train_one(run: RunSpec, guard: PreemptionGuard) -> dict[str, Any]:
     """Train ``run`` in this process (resuming from its folder's newest checkpoint)."""
-    from ickd.config_store import compose_run_config
+    from ickd.config_store import compose_checked
     from ickd.engine import train
 
     limit_threads()
+    # The job's log gets exactly what `ickd train` prints (Hydra's job logging: stdout and
+    # <run folder>/<stage>.log): epoch lines, progress lines (trainer.progress_interval_s), warnings.
+    configure_run_logging([*run.overrides, f"name={run.name}"], run.out_dir)
     done = Path(run.out_dir) / "result.json"
     if done.is_file() and json.loads(done.read_text()).get("status") == "completed":
         log.info("run %s already completed; nothing to do", run.name)
         return json.loads(done.read_text())
-    cfg = compose_run_config([*run.overrides, f"name={run.name}"])
+    cfg = compose_checked([*run.overrides, f"name={run.name}"])  # a ConfigError naming the key, never a raw TypeError
     # W&B (logger=wandb among the overrides): the launch's run id, so a requeued job continues the
-    # same W&B run; runs are grouped by launch.
-    from ickd.track import loggers_for
+    # same W&B run; tagged launch:<name> and run:<index>; grouped by launch and typed by stage unless
+    # the user set logger.group / logger.job_type.
+    from ickd.track import loggers_for, platform_tag, resolve_resume
 
-    trackers = loggers_for(cfg, run.out_dir, run_id=run.run_id, group=run.launch, job_type=str(cfg.get("stage") or "student"))
+    cfg = resolve_resume(cfg, run.out_dir)  # trainer.resume=wandb:...: the artifact, downloaded into the run folder
+    tags = [platform_tag("launch", run.launch), platform_tag("run", run.index)] if run.launch else [platform_tag("run", run.index)]
+    trackers = loggers_for(cfg, run.out_dir, run_id=run.run_id, group=run.launch, job_type=str(cfg.stage), tags=tags)
     return train(cfg, run.out_dir, callbacks=[guard, *trackers])
 
 
@@ -141,7 +148,7 @@ class SweepTask(_Resubmittable):
 
     def __call__(self) -> Any:
         if len(self.workers) == 1:
-            from ickd.sweep.worker import run_worker
+            from ickd.sweep.worker import raise_if_stopped_for_failures, run_worker
 
             spec = self.workers[0]
             limit_threads()
@@ -149,6 +156,8 @@ class SweepTask(_Resubmittable):
             counts = run_worker(spec.study_dir, index=spec.index, guard=guard, state_file=spec.state_file)
             if guard.requeue_requested:
                 guard.hand_over(None)
+            elif not guard.interrupt_requested():
+                raise_if_stopped_for_failures(spec.study_dir)
             return counts
         children = [
             ChildSpec(
@@ -211,7 +220,8 @@ def run_children(children: list[ChildSpec], threads: int | None) -> dict[str, An
 
 def child_main(argv: list[str]) -> None:
     """``python -m ickd.launch.child run RUNSPEC_JSON``: one packed run."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Until train_one applies the run's Hydra job logging (same format).
+    logging.basicConfig(level=logging.INFO, format=FALLBACK_FORMAT, stream=sys.stdout)
     if len(argv) != 2 or argv[0] != "run":
         print("usage: python -m ickd.launch.child run RUNSPEC_JSON", file=sys.stderr)
         sys.exit(2)

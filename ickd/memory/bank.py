@@ -307,7 +307,7 @@ class MemoryBank:
         # backend_requested keeps what was asked for, backend_reason why this one runs.
         self.backend_requested = retriever
         self.retriever_name, self.retriever_kwargs, self.backend_reason = resolve_backend(
-            retriever, m, d, self.device, retriever_kwargs
+            retriever, m, d, self.device, retriever_kwargs, frozen=update == "frozen"
         )
         self.retriever: Retriever = create_retriever(self.retriever_name, **self.retriever_kwargs)
         self.retriever.bind(m, d, self.device)

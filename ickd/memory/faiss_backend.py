@@ -88,8 +88,9 @@ def import_faiss() -> Any:
         import faiss
     except ImportError as exc:
         raise MissingDependencyError(
-            "the faiss retrieval backends need the 'faiss' package, which is not installed; "
-            "run `pip install faiss-cpu` (or faiss-gpu, never both), or set memory.backend=torch"
+            "the faiss retrieval backends (memory.backend=faiss_flat / faiss_ivf) need the 'faiss' "
+            "package, which is not installed (it is an extra): run `pip install 'ickd[faiss-cpu]'` "
+            "(or 'ickd[faiss-gpu]' for GPU search; never both), or set memory.backend=auto or torch"
         ) from exc
     return faiss
 
@@ -121,7 +122,7 @@ class _FaissBase(Retriever):
             else:
                 warnings.warn(
                     f"memory backend {self.name!r}: use_gpu=True but this faiss build has no GPUs; "
-                    "searching on the CPU (install faiss-gpu instead of faiss-cpu for GPU search)",
+                    "searching on the CPU (for GPU search replace faiss-cpu by `pip install 'ickd[faiss-gpu]'`)",
                     stacklevel=3,
                 )
 

@@ -297,6 +297,12 @@ AUTO_BACKEND = "auto"
 #: exact). Measured with bench/retrieval.py; see :func:`choose_backend`.
 CPU_FLAT_MIN_WORK = 2**20
 
+#: CUDA banks of at least this many entries search with GPU faiss_ivf when the bank is frozen
+#: (memory.update=frozen) and faiss has GPUs; see :func:`choose_backend`. A stand-in threshold
+#: (performance-anchors.md: "faiss earns its place with IVF indexes on large banks"), not measured
+#: on a GPU here: ``bench/retrieval.py --devices cuda`` with faiss-gpu measures it.
+CUDA_IVF_MIN_SIZE = 1_000_000
+
 
 @dataclass(frozen=True)
 class BackendChoice:
@@ -311,16 +317,46 @@ def _faiss_installed() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
+def _faiss_gpu_available() -> bool:
+    """faiss is installed, built with GPUs (faiss-gpu, not faiss-cpu), and sees at least one."""
+    if not _faiss_installed():
+        return False
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 def choose_backend(
-    size: int, dim: int, device: torch.device | str, faiss_available: bool | None = None
+    size: int,
+    dim: int,
+    device: torch.device | str,
+    faiss_available: bool | None = None,
+    *,
+    frozen: bool = False,
+    faiss_gpu: bool | None = None,
 ) -> BackendChoice:
     """The backend ``memory.backend=auto`` uses for a bank of ``size`` (M) x ``dim`` (D) on ``device``.
 
-    A pure function of (M, D, device type) and whether faiss is installed; nothing is allocated.
+    A pure function of (M, D, device type, whether the bank is ``frozen`` after its fill) and of
+    what faiss offers (``faiss_available``: installed; ``faiss_gpu``: built with GPUs and seeing
+    one; both detected when None); nothing is allocated.
 
     Rule:
 
-    * CUDA: ``torch``, always. One fp16 matmul + top-k over the bank is the fastest exact search
+    * CUDA, a frozen bank (memory.update=frozen) of M >= ``CUDA_IVF_MIN_SIZE`` (1,000,000)
+      entries, and faiss with GPUs (``pip install 'ickd[faiss-gpu]'``): ``faiss_ivf`` on the GPU
+      (approximate; nprobe = nlist / 8 had recall@16 0.97 at 1,281,167 x 512 on the CPU, table
+      below). IVF scans about 1/8 of the bank per query where exact search reads all of it
+      (performance-anchors.md: "faiss earns its place with IVF indexes on large banks"; exact
+      torch takes 5.8 ms at 1,281,167 x 512 and 16.0 ms at 1,281,167 x 2048 per 256 queries).
+      Only frozen banks: ``faiss_ivf`` keeps its master index on the CPU and re-clones it to the
+      GPU after every write, which a bank updated at every step (overwrite, momentum) would pay
+      at every step. Its k-means training runs once, on the CPU master (452 s at 1,281,167 x 512
+      on 2 cores, table below), and is paid back over a run's epochs of queries. The 1,000,000
+      threshold is a stand-in, not measured on a GPU here.
+    * CUDA otherwise: ``torch``. One fp16 matmul + top-k over the bank is the fastest exact search
       at 50,000 to 1,281,167 entries (performance-anchors.md: 0.14 ms for 50,000 x 256 and 64
       queries, 5.8 ms for 1,281,167 x 512 and 256 queries, on an H200; published issue threads
       report faiss's GPU brute force slower at these sizes) and it never waits for the host, so it can run inside a CUDA graph.
@@ -374,10 +410,28 @@ def choose_backend(
         faiss_available = _faiss_installed()
     work = size * dim
     if dev.type == "cuda":
+        if frozen and size >= CUDA_IVF_MIN_SIZE:
+            if faiss_gpu is None:
+                faiss_gpu = _faiss_gpu_available()
+            if faiss_gpu:
+                return BackendChoice(
+                    "faiss_ivf", False,
+                    f"a frozen bank of M = {size:,} >= {CUDA_IVF_MIN_SIZE:,} entries on CUDA: GPU faiss's IVF "
+                    "index scans about 1/8 of it per query where exact search reads all of it "
+                    "(performance-anchors.md: faiss earns its place with IVF on large banks)",
+                )
+            return BackendChoice(
+                "torch", True,
+                f"a frozen bank of M = {size:,} >= {CUDA_IVF_MIN_SIZE:,} entries on CUDA would use GPU faiss_ivf, "
+                "but faiss with GPU support is not installed (pip install 'ickd[faiss-gpu]'); exact torch "
+                "matmul + top-k instead",
+            )
         return BackendChoice(
             "torch", True,
             "on CUDA one matmul + top-k over the bank is the fastest exact search from 50,000 to "
-            "1,281,167 entries (performance-anchors.md) and never waits for the host",
+            "1,281,167 entries (performance-anchors.md) and never waits for the host"
+            + ("" if frozen else "; faiss_ivf on the GPU is chosen only for frozen banks (memory.update=frozen)")
+            + (f" of >= {CUDA_IVF_MIN_SIZE:,} entries" if size < CUDA_IVF_MIN_SIZE else ""),
         )
     if dev.type != "cpu":
         return BackendChoice("torch", True, f"torch is the only backend that searches on a {dev.type} device")
@@ -391,7 +445,7 @@ def choose_backend(
         return BackendChoice(
             "torch", True,
             f"M*D = {work:,} >= {CPU_FLAT_MIN_WORK:,} would use faiss_flat, but faiss is not installed "
-            "(pip install faiss-cpu for 1.5-2x faster exact search on the CPU)",
+            "(pip install 'ickd[faiss-cpu]' for 1.5-2x faster exact search on the CPU)",
         )
     return BackendChoice(
         "faiss_flat", True,
@@ -401,7 +455,12 @@ def choose_backend(
 
 
 def resolve_backend(
-    name: str, size: int, dim: int, device: torch.device | str, options: dict[str, Any] | None = None
+    name: str,
+    size: int,
+    dim: int,
+    device: torch.device | str,
+    options: dict[str, Any] | None = None,
+    frozen: bool = False,
 ) -> tuple[str, dict[str, Any], str]:
     """(backend name, its options, reason) for ``memory.backend=name`` on a bank of ``size`` x ``dim``.
 
@@ -413,10 +472,14 @@ def resolve_backend(
     options = dict(options or {})
     if name != AUTO_BACKEND:
         return name, options, f"memory.backend={name} was set explicitly"
-    choice = choose_backend(size, dim, device)
+    # memory.use_gpu=false rules GPU faiss out; the GPU IVF choice then falls back to torch.
+    faiss_gpu = False if options.get("use_gpu") is False else None
+    choice = choose_backend(size, dim, device, frozen=frozen, faiss_gpu=faiss_gpu)
     accepted = set(RETRIEVERS.get(choice.name).options)
     dropped = sorted(key for key, value in options.items() if key not in accepted and value is not None)
     kept = {key: value for key, value in options.items() if key in accepted}
+    if choice.name == "faiss_ivf" and torch.device(device).type == "cuda":
+        kept["use_gpu"] = True
     reason = choice.reason
     if dropped:
         reason += f" (ignoring option(s) {', '.join(dropped)}, which {choice.name} does not take)"

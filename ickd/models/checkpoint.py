@@ -50,7 +50,7 @@ def _numpy_scalar_globals() -> list[Any]:
     return allowed
 
 
-def _torch_load(path: str) -> Any:
+def _torch_load(path: str, trust: bool = False) -> Any:
     corrupt = (
         f"checkpoint {path!r} is corrupt or truncated and cannot be read ({{err}}); "
         "re-download or re-save it (an interrupted download or copy is the usual cause)"
@@ -69,20 +69,29 @@ def _torch_load(path: str) -> Any:
         raise CheckpointError(corrupt.format(err=f"{type(err).__name__}: {str(err)[:200]}")) from err
 
     # weights_only=True rejected the file. Either it holds arbitrary Python objects (e.g. an
-    # argparse.Namespace of training options, which some training scripts save) or it is a
-    # truncated legacy-format pickle (that also surfaces as "Weights only load failed"). A full
-    # unpickle tells the two apart; it can run code from the file, so warn: only load files you trust.
+    # argparse.Namespace of training options, which some training scripts save: torch names the
+    # class on an "Unsupported global" line) or it is a damaged legacy-format pickle.
+    lines = [ln.strip() for ln in str(weights_only_error).splitlines()]
+    unsupported = next((ln for ln in lines if "Unsupported global" in ln), None)
+    reason = (unsupported or lines[0]).split(" was not an allowed global")[0][:200]
+    if not trust:
+        if unsupported is None:
+            raise CheckpointError(corrupt.format(err=reason)) from weights_only_error
+        # Never unpickle without being asked: a pickle can run any code while it loads.
+        raise CheckpointError(
+            f"checkpoint {path!r} holds Python objects beyond tensors and numbers ({reason}), so it can only "
+            "be read by full unpickling, which runs code stored in the file: a malicious file could execute "
+            "anything as you. If you trust the file (you or a colleague saved it), set teacher.trust_checkpoint=true "
+            "(load_pretrained(..., trust=True)); better, re-save it weights-only once: "
+            "torch.save({'model': torch.load(PATH, weights_only=False)['model']}, NEW_PATH)"
+        ) from weights_only_error
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise CheckpointError(corrupt.format(err=f"{type(err).__name__}: {str(err)[:200]}")) from err
-    lines = [ln.strip() for ln in str(weights_only_error).splitlines()]
-    # torch names the offending class on the "WeightsUnpickler error: Unsupported global: ..." line.
-    reason = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
-    reason = reason.split(" was not an allowed global")[0][:200]
     warnings.warn(
         f"checkpoint {path!r} contains Python objects beyond tensors and numbers, so it was "
-        "loaded with weights_only=False (full unpickling; only do this for files you trust). "
+        "loaded with weights_only=False (full unpickling, allowed by trust_checkpoint=true). "
         f"Detail: {reason}",
         UserWarning,
         stacklevel=3,
@@ -159,13 +168,15 @@ def _last_linear(model: nn.Module) -> str | None:
 
 
 def load_pretrained(
-    model: nn.Module, path: str | os.PathLike[str], strict: bool = True, key: str = "model"
+    model: nn.Module, path: str | os.PathLike[str], strict: bool = True, key: str = "model", trust: bool = False
 ) -> dict[str, Any]:
     """Load weights from `path` into `model` (in place) and return an info dict.
 
     The state_dict is taken from ``ckpt[key]`` (falling back to "model", "state_dict", "net") or the
     file itself if it is a raw state_dict. With ``strict=False`` missing/unexpected keys are allowed
     (reported in the info); shape mismatches always raise. Raises CheckpointError naming the cause.
+    The file is read weights-only; ``trust=True`` (``teacher.trust_checkpoint=true``) allows full
+    unpickling of files that hold other Python objects (it can run code from the file).
 
     Returns ``{"path", "key" (entry used, None for a raw state_dict), "missing_keys",
     "unexpected_keys", "metadata" (scalar entries such as epoch / best_acc)}``.
@@ -178,7 +189,7 @@ def load_pretrained(
         )
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path {path!r} is a directory; pass the .pth file inside it")
-    obj = _torch_load(path)
+    obj = _torch_load(path, trust)
     sd, used_key = _find_state_dict(obj, key, path)
     sd = _strip_prefixes(sd)
 

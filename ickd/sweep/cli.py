@@ -13,8 +13,10 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from ickd.config_store import compose_run_config
-from ickd.errors import IckdError
+from ickd.cli_args import add_global
+from ickd.errors import ConfigError, IckdError
+from ickd.engine.progress import format_duration
+from ickd.sweep.progress import FINISHED, study_eta_of, trial_eta
 from ickd.sweep.reaper import reap
 from ickd.sweep.space import params_to_overrides
 from ickd.sweep.spec import load_spec
@@ -48,10 +50,10 @@ def cmd_create(args: argparse.Namespace) -> None:
     spec = load_spec(args.file, name=args.name, storage=args.storage, n_trials=args.trials)
     if args.override:
         spec.base = [*spec.base, *args.override]
-    spec.validate_against(compose_run_config(spec.base))  # bad spaces fail before any trial runs
+    spec.check_composes()  # base + the space's bounds/choices compose and validate before any trial runs
     handle = StudyHandle.create(spec, args.root, exist_ok=args.exist_ok)
     print(f"study {spec.name!r} created in {handle.dir} (storage: {handle.storage_label}), {spec.n_trials} trials")
-    print(f"next: ickd sweep run {spec.name} --workers 2" + (f" --root {args.root}" if args.root else ""))
+    print(f"next: ickd sweep run {shlex.quote(spec.name)} --workers 2" + (f" --root {shlex.quote(str(args.root))}" if args.root else ""))
 
 
 def threads_per_worker(workers: int) -> int:
@@ -119,13 +121,29 @@ def run_workers(handle: StudyHandle, workers: int, stop_timeout: float = 600) ->
     return [p.wait() for p in procs]
 
 
+def check_run_args(args: argparse.Namespace) -> None:
+    """CLI values of `sweep run`, checked before anything is read or written (a bad --trials once
+    saved into study.yaml would make the study unloadable)."""
+    for option, value, minimum in (("--workers", args.workers, 1), ("--trials", args.trials, 1), ("--stop-timeout", args.stop_timeout, 0)):
+        if value is not None and value < minimum:
+            raise ConfigError(f"sweep run {option} must be >= {minimum}, got {value}; e.g. `ickd sweep run {args.study} --workers 2 --trials 20`")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
+    check_run_args(args)
     handle = StudyHandle.load(args.study, args.root)
     if args.trials is not None and args.trials != handle.spec.n_trials:
         handle.spec.n_trials = args.trials
         handle.save_spec()
     codes = run_workers(handle, args.workers, args.stop_timeout)
     print_status(handle)
+    from ickd.sweep.worker import failure_summary, stopped_for_failures
+
+    study = handle.study()
+    first = stopped_for_failures(study, handle.spec)
+    if first is not None:  # exit 1 = trials failed; exit 2 stays for errors in the user's input
+        print(f"\n{failure_summary(study, handle.spec, first)}; worker logs in {handle.dir / 'workers'}", file=sys.stderr)
+        sys.exit(1)
     if any(codes):
         print(f"workers exited with codes {codes}; see {handle.dir / 'workers'}", file=sys.stderr)
         sys.exit(1)
@@ -142,11 +160,14 @@ def print_status(handle: StudyHandle) -> None:
     best = best_trial(study)
     if best is not None:
         print(f"best: trial {best.number}, {handle.spec.objective.metric} = {best.value:.4f}, " + " ".join(params_to_overrides(best.params)))
+    all_trials = study.get_trials(deepcopy=False)
+    eta, how = study_eta_of(all_trials, handle.spec.n_trials)
+    print(f"eta: {'done' if eta == 0 else format_duration(eta) if eta is not None else 'unknown'} ({how})")
     keys = list(handle.spec.space)
-    print("\n| trial | state | value | " + " | ".join(keys) + " | epochs | worker |")
-    print("|---" * (len(keys) + 5) + "|")
+    print("\n| trial | state | value | " + " | ".join(keys) + " | epochs | eta | worker |")
+    print("|---" * (len(keys) + 6) + "|")
     now = time.time()
-    for t in study.get_trials(deepcopy=False):
+    for t in all_trials:
         if t.user_attrs.get("skipped"):
             continue
         value = f"{t.value:.4f}" if t.value is not None else (f"({max(t.intermediate_values.values()):.2f})" if t.intermediate_values else "")
@@ -159,7 +180,8 @@ def print_status(handle: StudyHandle) -> None:
         elif t.user_attrs.get("duplicate_of") is not None:  # not trained: same params as that trial
             worker = f"duplicate of trial {t.user_attrs['duplicate_of']}"
         params = " | ".join(str(t.params.get(k, "")) for k in keys)
-        print(f"| {t.number} | {t.state.name.lower()} | {value} | {params} | {len(t.intermediate_values)} | {worker} |")
+        left = "done" if t.state in FINISHED else format_duration(trial_eta(t)) if t.state == TrialState.RUNNING else ""
+        print(f"| {t.number} | {t.state.name.lower()} | {value} | {params} | {len(t.intermediate_values)} | {left} | {worker} |")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -197,38 +219,44 @@ def cmd_reap(args: argparse.Namespace) -> None:
     _print_reaped(reaped, retry=not args.no_retry)
 
 
-def main(argv: list[str]) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ickd sweep", description="Optuna studies of ickd runs")
-    parser.add_argument("--root", default=None, help="studies folder (default $ICKD_STUDIES or ./studies)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{create,run,status,best,dashboard,reap}")
     p = sub.add_parser("create", help="create a study from a study file (sweeps/*.yaml)")
-    p.add_argument("file")
-    p.add_argument("--name")
+    p.add_argument("file", help="study file, or the name of a shipped study (e.g. synthetic_smoke, fmnist_ickd_quick; they ship with the package)")
+    p.add_argument("--name", help="study name (default: the study file's `name:`)")
     p.add_argument("--storage", help="journal (default) or an SQLAlchemy URL without password, e.g. postgresql+psycopg2://user@host/db")
-    p.add_argument("--trials", type=int)
-    p.add_argument("--override", "-o", action="append", default=[], help="extra base override, e.g. -o teacher.checkpoint=PATH")
-    p.add_argument("--exist-ok", action="store_true")
+    p.add_argument("--trials", type=int, help="trial budget (default: the study file's n_trials)")
+    p.add_argument("--override", "-o", action="append", default=[], help="extra base override, e.g. -o teacher.checkpoint=PATH (repeatable)")
+    p.add_argument("--exist-ok", action="store_true", help="continue a study of that name if it exists (its study.yaml is rewritten from this file) instead of failing")
     p.set_defaults(func=cmd_create)
     p = sub.add_parser("run", help="run local workers until the budget is used up")
-    p.add_argument("study")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("study", help="study name (under --root) or study folder")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes, each training one trial at a time (default 1)")
     p.add_argument("--trials", type=int, help="total trial budget (updates the study)")
     p.add_argument("--stop-timeout", type=float, default=600, help="seconds to wait for workers after Ctrl-C")
     p.set_defaults(func=cmd_run)
     for name, func, text in (("status", cmd_status, "trials by state, best so far"), ("best", cmd_best, "best params and the command that reproduces them")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("study")
+        p.add_argument("study", help="study name (under --root) or study folder")
         p.set_defaults(func=func)
     p = sub.add_parser("dashboard", help="optuna-dashboard for the study")
-    p.add_argument("study")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("study", help="study name (under --root) or study folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
     p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("reap", help="fail (and retry) trials whose worker is gone")
-    p.add_argument("study")
-    p.add_argument("--no-retry", action="store_true")
+    p.add_argument("study", help="study name (under --root) or study folder")
+    p.add_argument("--no-retry", action="store_true", help="fail the lost trials without enqueuing retries")
     p.add_argument("--grace", type=float, default=None, help="seconds without heartbeat before a worker counts as gone")
     p.set_defaults(func=cmd_reap)
+    # Global option: before or after the verb (`ickd sweep --root X create F` or `ickd sweep create F --root X`).
+    add_global(parser, sub, "--root", default=None, help="studies folder (default $ICKD_STUDIES or ./studies)")
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

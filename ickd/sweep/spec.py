@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 
+from ickd.resources import shipped_path
 from ickd.sweep.space import SpecError, grid_values, parse_dimensions, parse_override
 from ickd.sweep.storage import has_password, password_refusal
 
@@ -144,6 +145,39 @@ class StudySpec:
             f"study {self.name!r}: space key(s) not in the composed base config: {'; '.join(lines)}. "
             "Fix the key names (`ickd train " + " ".join(shlex.quote(b) for b in self.base) + " --cfg job` prints the config)"
         )
+
+    def bound_points(self) -> list[list[str]]:
+        """Overrides that put every searched value's edge into some composed config: point i sets
+        each dimension to its i-th edge value (cycling), where a dimension's edges are every choice
+        of a categorical and low/high of an int or float range. max(len(edges)) points in all."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        from ickd.sweep.space import format_value
+
+        edges: dict[str, list[Any]] = {}
+        for key, dist in self.space.items():
+            if isinstance(dist, CategoricalDistribution):
+                edges[key] = list(dist.choices)
+            elif isinstance(dist, (IntDistribution, FloatDistribution)):
+                edges[key] = [dist.low, dist.high]
+        if not edges:
+            return []
+        n = max(len(v) for v in edges.values())
+        return [[f"{key}={format_value(values[i % len(values)])}" for key, values in edges.items()] for i in range(n)]
+
+    def check_composes(self) -> None:
+        """``ickd sweep create``: the base overrides compose and validate (types, unknown keys,
+        choices: ickd.config_schema), every space key exists, and the base composed with the space's
+        bounds and choices validates too, so a bad bound fails now instead of at some trial."""
+        from ickd.config_store import compose_checked
+        from ickd.errors import ConfigError
+
+        self.validate_against(compose_checked(self.base))
+        for point in self.bound_points():
+            try:
+                compose_checked([*self.base, *point])
+            except ConfigError as exc:
+                raise SpecError(f"study {self.name!r}: the space does not compose with the base overrides: {exc} [point: {' '.join(point)}]") from exc
 
     def objective_value(self, history: list[Mapping[str, Any]]) -> float | None:
         """The trial's objective from its per-epoch metrics: the best epoch (max when maximizing, min
@@ -274,15 +308,31 @@ def _positive_int(value: Any, where: str, allow_zero: bool = False) -> int:
     return value
 
 
+def shipped_study(path: str | os.PathLike) -> Path:
+    """A study file argument that is not a file: a shipped study by name (``synthetic_smoke``,
+    ``synthetic_smoke.yaml`` or ``sweeps/synthetic_smoke.yaml``, from any folder and in a wheel
+    install), else ``path`` unchanged."""
+    path = Path(path)
+    shipped = shipped_path("sweeps")
+    name = path.name if path.parent in (Path("."), Path("sweeps")) else None
+    if name:
+        for candidate in (shipped / name, shipped / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return path
+
+
 def _read(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(path_or_dict, Mapping):
         return copy.deepcopy(dict(path_or_dict)), "study"
     path = Path(path_or_dict)
     if not path.is_file():
-        shipped = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
+        path = shipped_study(path)
+    if not path.is_file():
+        shipped = sorted(p.stem for p in shipped_path("sweeps").glob("*.yaml"))
         raise SpecError(
             f"study file {path} does not exist; pass a YAML study file"
-            + (f" (shipped in sweeps/: {', '.join(shipped)})" if shipped else "")
+            + (f" or the name of a shipped study: {', '.join(shipped)}" if shipped else "")
         )
     try:
         data = yaml.safe_load(path.read_text())

@@ -8,6 +8,9 @@
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,15 +18,24 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from ickd.errors import ConfigError
+from ickd.redaction import is_secret_query_name, redact_text, url_password_in
 
 JOURNAL_FILE = "journal.log"
+TORN_SUFFIX = ".torn"
+
+log = logging.getLogger("ickd.sweep")
 
 
 class StorageError(ConfigError):
     """The study storage cannot be opened or reached."""
 
 
-_PASSWORD_QUERY_KEYS = ("password", "passwd")
+class JournalCorruptError(StorageError):
+    """A line inside the journal file is not valid JSON and could not be repaired automatically."""
+
+
+# libpq parameters whose names look secret but hold file paths, not secrets: allowed in URLs.
+_PATH_QUERY_KEYS = ("sslkey", "sslcert", "sslrootcert", "sslcrl", "sslcrldir", "passfile")
 
 
 def _is_sql_url(url: str | None) -> bool:
@@ -31,39 +43,38 @@ def _is_sql_url(url: str | None) -> bool:
 
 
 def redact(url: str | None) -> str:
-    """The URL with any password (in the credentials or the query) hidden, safe to print and log."""
+    """The URL with any secret hidden (ickd/redaction.py: userinfo passwords, and query parameters
+    named like pass/secret/token/key/auth), safe to print and log."""
     if not url:
         return "journal"
     if not _is_sql_url(url):
         return url
-    try:
-        from sqlalchemy.engine import make_url
+    return redact_text(str(url))
 
-        parsed = make_url(url)
-        in_query = [k for k in parsed.query if k.lower() in _PASSWORD_QUERY_KEYS]
-        return parsed.difference_update_query(in_query).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL: hide everything but the scheme
-        return f"{url.split('://', 1)[0]}://***"
+
+def _secret_query_keys(url: str) -> list[str]:
+    query = str(url).split("?", 1)[1] if "?" in str(url) else ""
+    names = [part.split("=", 1)[0] for part in query.replace(";", "&").split("&") if part]
+    return [n for n in names if is_secret_query_name(n) and n.lower() not in _PATH_QUERY_KEYS]
 
 
 def has_password(url: str | None) -> bool:
+    """True if the URL carries a secret: a password in its userinfo, or a query parameter such as
+    ``password=``, ``sslpassword=`` or ``token=``."""
     if not _is_sql_url(url):
         return False
-    try:
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)
-    except Exception:
-        creds = str(url).split("://", 1)[1].split("@", 1)
-        return len(creds) == 2 and ":" in creds[0]
-    return parsed.password is not None or any(k.lower() in _PASSWORD_QUERY_KEYS for k in parsed.query)
+    return url_password_in(str(url)) or bool(_secret_query_keys(str(url)))
 
 
 def password_refusal(url: str) -> str:
-    """Why a URL with a password is refused, and the fix; the password itself is never shown."""
+    """Why a URL with a secret is refused, and the fix; the secret itself is never shown."""
+    keys = _secret_query_keys(url)
+    where = f"a secret (query parameter {', '.join(keys)})" if keys else "a password"
     return (
-        f"the storage URL {redact(url)} contains a password; remove it from the URL and put it in "
-        "PGPASSWORD or ~/.pgpass (libpq reads both), so no secret lands in study files, logs or study.yaml"
+        f"the storage URL {redact(url)} contains {where}; remove it from the URL: put the password in "
+        "PGPASSWORD or ~/.pgpass (libpq reads both), and other secrets such as sslpassword in a libpq "
+        "service file (~/.pg_service.conf or $PGSERVICEFILE, then ?service=NAME in the URL), so no secret "
+        "lands in study files, logs or study.yaml"
     )
 
 
@@ -78,6 +89,117 @@ def journal_path(url: str | None, study_dir: Path) -> Path:
     return Path(text[len("journal://"):] if text.startswith("journal://") else text)
 
 
+# Optuna writes each operation as one compact JSON object starting with its op code.
+_OP_START = b'{"op_code"'
+
+
+def _salvage(line: bytes) -> int | None:
+    """For an invalid line that is a torn operation with a complete one appended after it (what an
+    older ickd wrote after a full disk), the offset where the complete operation starts."""
+    pos = line.find(_OP_START, 1)
+    while pos != -1:
+        try:
+            json.loads(line[pos:])
+            return pos
+        except ValueError:
+            pos = line.find(_OP_START, pos + 1)
+    return None
+
+
+def _keep_torn(path: Path, pieces: list[bytes]) -> Path:
+    torn = path.with_name(path.name + TORN_SUFFIX)
+    with open(torn, "ab") as f:  # appended: bytes cut by earlier repairs stay
+        for piece in pieces:
+            f.write(piece.rstrip(b"\n") + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return torn
+
+
+def repair_journal(path: str | os.PathLike) -> int:
+    """Make an Optuna journal file appendable again, under Optuna's own journal lock (so two workers
+    never both repair, and no append runs meanwhile). Returns the number of bytes cut.
+
+    - a torn final line (no newline, or not valid JSON: a full disk or a crash mid-write) is cut back
+      to the last newline;
+    - a line holding a torn operation followed by a complete one (an append after a torn line) keeps
+      the complete operation;
+    the cut bytes are appended to ``<journal>.torn`` and a warning is logged. Any other invalid line
+    raises :class:`JournalCorruptError` with repair instructions.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    lock = JournalFileOpenLock(str(path))
+    if not os.access(path.parent, os.W_OK) or not os.access(path, os.W_OK):
+        lock = None  # someone else's study, read-only to us: check it, repair nothing
+    else:
+        lock.acquire()
+    try:
+        data = path.read_bytes()
+        lines = data.splitlines(keepends=True)
+        kept: list[bytes] = []
+        cut: list[bytes] = []
+        for number, line in enumerate(lines, start=1):
+            last = number == len(lines)
+            if line.endswith(b"\n") or not last:
+                try:
+                    json.loads(line)
+                    kept.append(line)
+                    continue
+                except ValueError as exc:
+                    error = exc
+            else:
+                error = ValueError("no newline at the end (torn write)")
+            start = _salvage(line) if line.endswith(b"\n") else None
+            if start is not None:
+                cut.append(line[:start])
+                kept.append(line[start:])
+            elif last:
+                cut.append(line)
+            else:
+                raise JournalCorruptError(_corrupt_message(path, number, len(lines), line, error))
+        if not cut:
+            return 0
+        removed = sum(len(c) for c in cut)
+        if lock is None:
+            log.warning(
+                "the study journal %s ends in a torn write (%d byte(s)); Optuna skips it when reading, but "
+                "only its owner can repair it (any ickd sweep command of theirs does)", path, removed,
+            )
+            return 0
+        torn = _keep_torn(path, cut)
+        repaired = b"".join(kept)
+        if data.startswith(repaired):  # only the tail changes: cut it in place
+            with open(path, "r+b") as f:
+                f.truncate(len(repaired))
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            from ickd.engine.checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(path, repaired)
+        log.warning(
+            "repaired the study journal %s: cut %d byte(s) of a torn write (a full disk or a crash while "
+            "writing); they are kept in %s. Trials recorded before it are intact.", path, removed, torn,
+        )
+        return removed
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _corrupt_message(path: Path, number: int, total: int, line: bytes, error: Exception) -> str:
+    shown = line[:80].decode("utf-8", "replace").rstrip()
+    return (
+        f"the study journal {path} cannot be read: line {number} of {total} is not valid JSON ({error}): "
+        f"{shown!r}{'...' if len(line) > 80 else ''}. Optuna cannot replay the study past it. To repair: stop "
+        f"every worker of this study, back the file up (cp {path} {path}.bak), delete that line "
+        f"(sed -i '{number}d' {path}; the one operation it held, usually a trial attribute or state, is lost) "
+        f"and run the command again. Bytes cut from torn writes earlier are kept in {path}{TORN_SUFFIX}"
+    )
+
+
 def open_storage(
     url: str | None,
     study_dir: Path,
@@ -90,6 +212,7 @@ def open_storage(
     if is_journal(url):
         path = journal_path(url, study_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)  # a torn last line would make every later append unreadable
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     heartbeat = dict(heartbeat or {})
     max_retry = int((retry or {}).get("max_retries", 0))

@@ -3,11 +3,13 @@ storage (by default), one folder per trial (``trials/<number>``), the workers' l
 claims (``workers/claims/<slot>``)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,7 @@ class StudyHandle:
         slot = max(0, int(start))
         while True:
             try:
-                fd = os.open(claims / str(slot), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(claims / str(slot), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # minus the umask
             except FileExistsError:
                 slot += 1
                 continue
@@ -111,11 +113,40 @@ class StudyHandle:
             )
         folder.mkdir(parents=True, exist_ok=True)
         handle = cls(folder, spec)
-        optuna.create_study(
+        study = optuna.create_study(
             study_name=spec.name,
             storage=handle.storage,
             direction=spec.objective.direction,
             load_if_exists=exist_ok,
         )
+        describe_study(study, spec)
         handle.save_spec()
         return handle
+
+
+def spec_hash(spec: StudySpec) -> str:
+    """A short hash of what makes trials comparable: base overrides, objective, space, sampler and
+    pruner (not the budget, storage, retry or heartbeat settings, which may change on the way)."""
+    data = spec.to_dict()
+    content = {k: data[k] for k in ("base", "objective", "space", "sampler", "pruner")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe_study(study: optuna.Study, spec: StudySpec) -> None:
+    """What optuna-dashboard and ``optuna.load_study`` users see without study.yaml: the objective's
+    name as the study's metric name (not "Objective 0"), and user attrs ``objective`` (metric, mode,
+    direction), ``direction``, ``base_overrides`` (secrets hidden), ``spec_name`` and ``spec_hash``."""
+    from ickd.redaction import redact_argv
+
+    with warnings.catch_warnings():  # set_metric_names is marked experimental (since Optuna 3.2)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([spec.objective.metric])
+    attrs = {
+        "objective": asdict(spec.objective),
+        "direction": spec.objective.direction,
+        "base_overrides": redact_argv(list(spec.base)),
+        "spec_name": spec.name,
+        "spec_hash": spec_hash(spec),
+    }
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)

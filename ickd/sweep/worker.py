@@ -19,17 +19,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ickd.config_store import compose_run_config
+from ickd.config_store import compose_checked
 from ickd.engine import Callback, RunInfo, train
 from ickd.engine.checkpoint import atomic_write_json
-from ickd.errors import IckdError, NonFiniteLossError
+from ickd.errors import IckdError, NonFiniteLossError, TrialsFailedError
 from ickd.naming import run_id, trial_run_name
 from ickd.sweep.liveness import worker_identity
 from ickd.sweep.reaper import enqueue_retry, reap
 from ickd.sweep.space import params_to_overrides
 from ickd.sweep.storage import uses_heartbeats
 from ickd.sweep.studies import StudyHandle
-from ickd.track import loggers_for
+from ickd.track import loggers_for, platform_tag, resolve_resume
 
 log = logging.getLogger("ickd.sweep")
 
@@ -121,6 +121,43 @@ def too_many_failures(study: optuna.Study, limit: int) -> bool:
     return len(failed) >= limit
 
 
+def failure_limit(spec: Any) -> int:
+    """How many trials may fail by themselves before workers stop (``retry.max_failures``)."""
+    return int(spec.retry.get("max_failures") or max(3, spec.n_trials))
+
+
+def stopped_for_failures(study: optuna.Study, spec: Any) -> optuna.trial.FrozenTrial | None:
+    """The first trial that failed by itself, if the study's budget is not used up and its workers
+    stop for failures (the limit of :func:`failure_limit` reached); else None."""
+    if not budget_left(study, spec.n_trials) or not too_many_failures(study, failure_limit(spec)):
+        return None
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("failed_by_itself")]
+    return min(failed, key=lambda t: t.number)
+
+
+def raise_if_stopped_for_failures(study_dir: str | Path) -> None:
+    """Fail the calling job (an in-process worker of a launched sweep) when the study stopped because its
+    trials failed, as the worker command's exit 1 does: the job must not look successful."""
+    handle = StudyHandle.load(str(study_dir))
+    study = handle.study()
+    first = stopped_for_failures(study, handle.spec)
+    if first is not None:
+        raise TrialsFailedError(failure_summary(study, handle.spec, first))
+
+
+def failure_summary(study: optuna.Study, spec: Any, first: optuna.trial.FrozenTrial) -> str:
+    """One message for a study stopped for failures: how many, the first one's reason and log."""
+    n = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get("failed_by_itself"))
+    run_dir = first.user_attrs.get("run_dir")
+    where = f"; its run folder: {run_dir}" if run_dir else ""
+    return (
+        f"study {spec.name} stopped: {n} trial(s) failed by themselves (limit retry.max_failures={failure_limit(spec)}) "
+        f"before the budget of {spec.n_trials} was used. First failure: trial {first.number}: "
+        f"{first.user_attrs.get('fail_reason', '?')}{where}. Fix the cause (see `ickd sweep status {spec.name}` and "
+        "the worker logs), then `ickd sweep run` continues the study"
+    )
+
+
 def budget_left(study: optuna.Study, n_trials: int) -> bool:
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
@@ -178,18 +215,25 @@ def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, sto
     first = int(trial.user_attrs.get("first_trial", trial.number))
     run_dir = Path(trial.user_attrs.get("run_dir") or handle.trial_dir(first))
     name = trial_run_name(spec.name, first)
-    for key, value in {**worker_identity(), "run_dir": str(run_dir), "first_trial": first, "run_id": run_id(spec.name, name)}.items():
+    wandb_id = run_id(spec.name, name)
+    if first != trial.number:  # a retry keeps the first trial's id (also one from an older id scheme)
+        earlier = next((t for t in study.get_trials(deepcopy=False) if t.number == first), None)
+        wandb_id = (earlier.user_attrs.get("run_id") if earlier is not None else None) or wandb_id
+    for key, value in {**worker_identity(), "run_dir": str(run_dir), "first_trial": first, "run_id": wandb_id}.items():
         trial.set_user_attr(key, value)
     overrides = [*spec.base, *params_to_overrides(trial.params), f"name={name}"]
     trial.set_user_attr("overrides", overrides)
     callback = TrialCallback(trial, handle, stop)
     log.info("trial %d: %s -> %s", trial.number, " ".join(params_to_overrides(trial.params)), run_dir)
     try:
-        config = compose_run_config(overrides)
+        config = resolve_resume(compose_checked(overrides), run_dir)  # trainer.resume=wandb:... in base
         # W&B (logger=wandb in the study's base overrides): one W&B run per trial, its id the trial's
-        # run id (a retry continues it), grouped by study; its path is kept on the trial.
+        # run id (a retry continues it), named <study>-t<first trial>, tagged study:<name> and
+        # trial:<first trial>; grouped by study and typed "trial" unless the user set logger.group /
+        # logger.job_type. Its path is kept on the trial.
         trackers = loggers_for(
-            config, run_dir, run_id=run_id(spec.name, name), group=spec.name, job_type="trial",
+            config, run_dir, run_id=wandb_id, group=spec.name, job_type="trial",
+            tags=[platform_tag("study", spec.name), platform_tag("trial", first)],
             extra={"study": spec.name, "trial": trial.number, "first_trial": first, "params": dict(trial.params)},
             on_init=lambda path: trial.set_user_attr("wandb_run_path", path),
         )
@@ -280,7 +324,7 @@ def run_worker(
     grace = float(spec.heartbeat.get("grace_s", 120))
     suspend_grace = float(spec.heartbeat.get("suspend_grace_s", 1800))
     max_retries = int(spec.retry.get("max_retries", 0))
-    max_failures = int(spec.retry.get("max_failures") or max(3, spec.n_trials))
+    max_failures = failure_limit(spec)
     resumed = suspended_trial(optuna_study, state_path)
     if resumed is not None:
         state = run_trial(handle, optuna_study, resumed, stop, guard, state_path)
@@ -331,7 +375,15 @@ def main(argv: list[str] | None = None) -> None:
     except IckdError as exc:
         log.error("%s", exc)
         sys.exit(2)
-    if guard is not None and guard.interrupt_requested():
+    interrupted = guard is not None and guard.interrupt_requested()
+    if not interrupted:
+        handle = StudyHandle.load(args.study, args.root)
+        study = handle.study()
+        first = stopped_for_failures(study, handle.spec)
+        if first is not None:  # exit 1: the trials failed (exit 2 is for errors in the user's input)
+            log.error("%s", failure_summary(study, handle.spec, first))
+            sys.exit(1)
+    if interrupted:
         from ickd.launch.preemption import EXIT_INTERRUPTED
 
         sys.exit(EXIT_INTERRUPTED if SUSPENDED in counts or guard.requeue_requested else 0)

@@ -2,7 +2,9 @@
 
 # W&B tracking (ickd/track/wandb_logger.py). Looked up lazily so importing ickd.track (e.g. for the
 # reports) loads neither the trainer nor wandb; wandb itself is imported only when a run starts.
-_LOGGER_NAMES = ("WandbLogger", "loggers_for", "resolve_mode", "redact", "flatten")
+_LOGGER_NAMES = ("WandbLogger", "loggers_for", "resolve_mode", "redact", "flatten", "platform_tag")
+# trainer.resume=wandb:... (ickd/track/artifacts.py): resolved to a local file before the trainer runs.
+_ARTIFACT_NAMES = ("resolve_resume", "is_artifact_ref")
 
 
 def __getattr__(name: str):
@@ -10,4 +12,8 @@ def __getattr__(name: str):
         from ickd.track import wandb_logger
 
         return getattr(wandb_logger, name)
+    if name in _ARTIFACT_NAMES:
+        from ickd.track import artifacts
+
+        return getattr(artifacts, name)
     raise AttributeError(f"module 'ickd.track' has no attribute {name!r}")

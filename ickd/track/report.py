@@ -523,9 +523,5 @@ def write_local_report(
     text = render_html(summary, figures, trials, rows, list(handle.spec.space))
     out = Path(out_path) if out_path else handle.dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, text)
-    # The atomic write's temp file is private (0600); a report is meant to be shared like any file.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)
+    atomic_write_text(out, text)  # mode 0666 minus the umask, like any new file of the user
     return out

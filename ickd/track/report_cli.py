@@ -8,7 +8,7 @@ import sys
 from ickd.errors import IckdError
 
 
-def main(argv: list[str]) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ickd report",
         description="Write a study's report: one self-contained HTML file (no server needed); with --wandb also a W&B report.",
@@ -21,7 +21,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--wandb", action="store_true", help="also save a W&B report (needs an API key and the server)")
     parser.add_argument("--project", default=None, help="W&B project (default $WANDB_PROJECT or ickd)")
     parser.add_argument("--entity", default=None, help="W&B entity (default $WANDB_ENTITY or your default entity)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import optuna
 

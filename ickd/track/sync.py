@@ -147,19 +147,23 @@ def sync(paths: list[str], jobs: int = 4, dry_run: bool = False, entity: str | N
     return failed
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ickd wandb", description="W&B tracking utilities")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{sync}")
     p = sub.add_parser("sync", help="upload offline W&B runs below the given folders (skips synced ones)",
                        description="Upload every wandb/offline-run-* folder below PATH (a study, launch, run or any folder; "
                                    "default: the current folder) with `wandb sync`, skipping the ones already uploaded.")
-    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="folders to search for offline runs (default: the current folder)")
     p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1), help="runs uploaded in parallel")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded and upload nothing")
     p.add_argument("--entity", default=None, help="upload to this entity instead of the one the runs were logged with")
     p.add_argument("--project", default=None, help="upload to this project instead of the one the runs were logged with")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run's upload")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         failed = sync(args.paths, args.jobs, args.dry_run, args.entity, args.project, args.timeout)
     except FileNotFoundError as exc:

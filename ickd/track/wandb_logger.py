@@ -30,6 +30,7 @@ from ickd.engine.callbacks import Callback, RunInfo
 from ickd.engine.checkpoint import atomic_write_text
 from ickd.errors import ConfigError
 from ickd.naming import slug
+from ickd.redaction import REDACTED, is_secret_key, redact, redact_argv, redact_value  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ickd.track")
 
@@ -41,39 +42,8 @@ DEFAULT_HOST = "https://api.wandb.ai"
 
 # --- secrets ----------------------------------------------------------------------------------
 
-REDACTED = "***"
-SECRET_KEY = re.compile(r"api[_-]?key|apikey|password|passwd|secret|token", re.IGNORECASE)
-# scheme://user:password@host -> scheme://user:***@host
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):(?P<pw>[^@/\s]*)@")
-# ?password=...&token=... in query strings
-_QUERY_SECRET = re.compile(r"(?P<head>[?&;](?:[A-Za-z0-9_\-]*(?:api[_-]?key|apikey|password|passwd|secret|token)[A-Za-z0-9_\-]*)=)[^&;#\s]*", re.IGNORECASE)
-
-
-def redact_value(value: Any) -> Any:
-    """Strings with passwords in URLs (credentials or query) hidden; other values unchanged."""
-    if not isinstance(value, str):
-        return value
-    value = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", value)
-    return _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", value)
-
-
-def redact(data: Any) -> Any:
-    """A copy of ``data`` (nested mappings/lists) safe to upload: values under secret-looking keys
-    (api_key, token, password, ...) become ``***`` and passwords inside URLs are hidden."""
-    if isinstance(data, Mapping):
-        return {k: (REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [redact(v) for v in data]
-    return redact_value(data)
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    """Command-line arguments with secrets hidden (``+db.password=x`` -> ``+db.password=***``)."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        out.append(f"{key}={REDACTED}" if sep and SECRET_KEY.search(key) and value else redact_value(arg))
-    return out
+# One rule for secrets, shared with the storage URLs of studies: ickd/redaction.py (REDACTED,
+# is_secret_key, redact, redact_argv, redact_value are imported from there and re-exported).
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -192,6 +162,7 @@ class WandbLogger(Callback):
         run_id: str | None = None,
         extra: Mapping[str, Any] | None = None,
         log_model: bool = False,
+        log_checkpoints: bool = False,
         notes: str | None = None,
         on_init: Callable[[str], None] | None = None,
     ) -> None:
@@ -201,6 +172,7 @@ class WandbLogger(Callback):
         self.explicit_id = check_run_id(run_id) if run_id else None
         self.extra = dict(extra or {})
         self.log_model = bool(log_model)
+        self.log_checkpoints = bool(log_checkpoints)
         self.notes = notes
         self.on_init = on_init
         self.run: Any = None
@@ -306,6 +278,36 @@ class WandbLogger(Callback):
             return  # already logged before an interruption (the epoch ran again after the checkpoint)
         self._log(epoch, metrics)
 
+    # artifacts (logger.log_checkpoints, logger.log_model) ----------------------------------------
+    def checkpoint_artifact_name(self) -> str:
+        """``<run id>-last``: what ``trainer.resume=wandb:<entity>/<project>/<run id>-last:latest`` fetches."""
+        return f"{self.run_id}-last"
+
+    def model_artifact_name(self) -> str:
+        return f"model-{self.run_id}"
+
+    def _upload(self, path: Path, name: str, kind: str, aliases: list[str], metadata: Mapping[str, Any]) -> None:
+        """Log ``path`` as version of artifact ``name``. The file is copied (staged) at once, so a
+        later save to the same path does not change what is uploaded; offline runs keep the staged
+        copy (under WANDB_DATA_DIR) until ``ickd wandb sync``. A failed upload never stops training."""
+        import wandb
+
+        try:
+            artifact = wandb.Artifact(name, type=kind, metadata={k: v for k, v in metadata.items() if v is not None})
+            artifact.add_file(str(path), name=path.name)
+            self.run.log_artifact(artifact, aliases=aliases)
+        except Exception as exc:
+            log.warning("could not log %s as W&B artifact %s (%s); training goes on", path, name, exc)
+
+    def on_checkpoint(self, path: Path, epoch: int) -> None:
+        """``last.pt`` after each save as artifact ``<run id>-last`` (type checkpoint), aliases
+        ``latest`` and ``epoch-<n>`` (n epochs completed; a mid-epoch checkpoint written at a
+        preemption carries the n of the epochs before it and takes the aliases over)."""
+        if self.run is None or not self.log_checkpoints or not Path(path).is_file():
+            return
+        self._upload(Path(path), self.checkpoint_artifact_name(), "checkpoint", ["latest", f"epoch-{int(epoch)}"],
+                     {"epoch": int(epoch), "run_id": self.run_id, "run_path": self.run_path, "out_dir": str(self.out_dir)})
+
     def on_run_end(self, summary: dict[str, Any]) -> None:
         if self.run is None:
             return
@@ -331,12 +333,11 @@ class WandbLogger(Callback):
             }
             self.run.summary.update({k: v for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))})
             best = Path(str(summary.get("best_checkpoint") or ""))
-            if self.log_model and status == "completed" and best.is_file():
-                import wandb
-
-                artifact = wandb.Artifact(f"model-{self.run_id}", type="model", metadata={"best_top1": summary.get("best_top1")})
-                artifact.add_file(str(best))
-                self.run.log_artifact(artifact)
+            # best.pt: with log_model when the run completed; with log_checkpoints whenever the run
+            # ends (a preempted run's best is worth keeping too). One artifact either way.
+            if best.is_file() and ((self.log_model and status == "completed") or self.log_checkpoints):
+                self._upload(best, self.model_artifact_name(), "model", ["best", "latest"],
+                             {"best_top1": summary.get("best_top1"), "status": status, "run_id": self.run_id})
             if status == "interrupted":
                 self.run.mark_preempting()  # W&B shows it as preempted, not crashed; the requeue resumes it
         finally:
@@ -374,12 +375,15 @@ def loggers_for(
     run_id: str | None = None,
     group: str | None = None,
     job_type: str | None = None,
+    tags: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
     on_init: Callable[[str], None] | None = None,
 ) -> list[Callback]:
     """The tracking callbacks the run config asks for (its ``logger`` group): ``[]`` for
-    ``logger=none`` (or no logger key), ``[WandbLogger]`` for ``logger=wandb``. ``run_id``, ``group``
-    and ``job_type`` come from the layer above (sweep trial, launch); they override the config's.
+    ``logger=none`` (or no logger key), ``[WandbLogger]`` for ``logger=wandb``. ``run_id``, ``group``,
+    ``job_type`` and ``tags`` come from the layer above (sweep trial, launch): the run id is theirs,
+    but the user's ``logger.group`` / ``logger.job_type`` win (the platform's values only fill them
+    when they are null) and the platform's tags are added to the user's ``logger.tags``.
     ``on_init(run_path)`` is called once the W&B run started. ``out_dir`` is where the run trains
     (the logger takes it from the trainer; accepted for symmetry and checks)."""
     section = logger_section(config)
@@ -388,7 +392,7 @@ def loggers_for(
         return []
     if name != "wandb":
         raise ConfigError(f"logger.name={name!r} is unknown; use logger=none or logger=wandb")
-    known = {"name", "project", "entity", "group", "tags", "mode", "job_type", "log_model", "notes"}
+    known = {"name", "project", "entity", "group", "tags", "mode", "job_type", "log_model", "log_checkpoints", "notes"}
     unknown = sorted(set(section) - known)
     if unknown:
         raise ConfigError(f"unknown logger keys {unknown}; valid keys: {sorted(known)}")
@@ -396,14 +400,21 @@ def loggers_for(
         WandbLogger(
             project=str(section.get("project") or "ickd"),
             entity=section.get("entity") or None,
-            group=group or section.get("group") or None,
-            job_type=job_type or section.get("job_type") or None,
-            tags=list(section.get("tags") or []),
+            group=section.get("group") or group or None,
+            job_type=section.get("job_type") or job_type or None,
+            tags=list(dict.fromkeys([*(str(t) for t in section.get("tags") or []), *(tags or [])])),
             mode=str(section.get("mode") or "auto"),
             run_id=run_id,
             extra=extra,
             log_model=bool(section.get("log_model", False)),
+            log_checkpoints=bool(section.get("log_checkpoints", False)),
             notes=section.get("notes") or None,
             on_init=on_init,
         )
     ]
+
+
+def platform_tag(key: str, value: Any) -> str:
+    """``study:<name>``, ``trial:<n>``, ``launch:<name>``, ``run:<i>``: how the platform marks the runs
+    it starts (W&B tags are at most 64 characters)."""
+    return f"{key}:{value}"[:64]
