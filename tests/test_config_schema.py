@@ -188,6 +188,11 @@ def test_one_place_states_each_default():
         for f in dataclasses.fields(cls):
             has_default = f.default is not dataclasses.MISSING and f.default != "???" or f.default_factory is not dataclasses.MISSING
             assert not has_default or (name, f.name) in allowed, f"{name}.{f.name} states a default; the YAML file should"
+    # The trainer's own settings object is built from the composed section and keeps no second copy.
+    from ickd.engine.trainer import TrainerConfig
+
+    copies = [f.name for f in dataclasses.fields(TrainerConfig) if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert copies == [], f"TrainerConfig states defaults for {copies}; configs/trainer/default.yaml does"
 
 
 # --- the CLI: exit 2, no traceback, before anything runs or is written --------------------------

@@ -457,7 +457,7 @@ def test_trainer_fills_a_fifo_bank_in_shuffled_order(tmp_path, size):
     bank = MemoryBank(1000, teacher.feature_dim, 10, size=size, subset="fifo", feature_transform="center")
     cfg = to_container(compose_config("distill=ickd"))
     distiller = OfflineDistiller(create_model("resnet8", 10), create_method(cfg["distill"]), RetrievalSpec(k=4), teacher=teacher, bank=bank)
-    tc = TrainerConfig(epochs=1, batch_size=50, eval_batch_size=50, device="cpu", progress="off", num_workers=0)
+    tc = TrainerConfig.from_mapping({**cfg["trainer"], "epochs": 1, "batch_size": 50, "eval_batch_size": 50, "device": "cpu", "progress": "off", "num_workers": 0})
     trainer = Trainer(distiller, data, tc, cfg["optim"], tmp_path, seed=0)
     calls = []
     make_loader = data.train_loader

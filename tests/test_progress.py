@@ -126,7 +126,10 @@ def test_bad_progress_settings_are_config_errors():
     from ickd.engine.trainer import TrainerConfig
     from ickd.errors import ConfigError
 
-    base = {"epochs": 1, "batch_size": 8}
+    from ickd.engine.run import to_container
+    from tests.helpers import compose_config
+
+    base = {**to_container(compose_config())["trainer"], "epochs": 1, "batch_size": 8}
     with pytest.raises(ConfigError, match="trainer.progress_interval_s"):
         TrainerConfig.from_mapping({**base, "progress_interval_s": -1})
     with pytest.raises(ConfigError, match="trainer.progress="):

@@ -121,27 +121,30 @@ class _Interrupted(Exception):
         self.partial = partial
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainerConfig:
-    epochs: int = 240
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    device: str = "auto"
-    amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | off
-    channels_last: str = "auto"    # auto (on CUDA) | on | off
-    deterministic: bool = False
-    num_workers: int = 4
-    checkpoint_every: int = 1
-    resume: str = "auto"           # auto | never | PATH to a last.pt
-    progress: str = "auto"         # auto (bar on a terminal, else log lines) | on (bar) | off (neither)
-    progress_interval_s: float = 60.0  # seconds between progress lines/progress.json ticks inside an epoch; 0 disables
-    max_batches_per_epoch: int | None = None
-    eval_every: int = 1
-    threads: int | None = None
-    nonfinite_check_every: int | None = None  # batches between NaN/inf checks (each syncs the device); None: 1 on CPU, 50 on CUDA
-    pipeline: str = "auto"          # auto (the dataset's default) | device | classic
-    step: str = "auto"              # auto (graph on CUDA when the step allows it) | eager | graph
-    resume_config_check: bool = True  # refuse to resume a checkpoint written under another config (RESUME_MUTABLE_KEYS may differ)
+    """The trainer's settings. No defaults here: configs/trainer/default.yaml states them (one place);
+    build it with :meth:`from_mapping` from a composed config's ``trainer`` section."""
+
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    device: str
+    amp: str  # auto (bf16 on CUDA) | bf16 | off
+    channels_last: str  # auto (on CUDA) | on | off
+    deterministic: bool
+    num_workers: int
+    checkpoint_every: int
+    resume: str  # auto | never | PATH to a last.pt
+    progress: str  # auto (bar on a terminal, else log lines) | on (bar) | off (neither)
+    progress_interval_s: float  # seconds between progress lines/progress.json ticks inside an epoch; 0 disables
+    max_batches_per_epoch: int | None
+    eval_every: int
+    threads: int | None
+    nonfinite_check_every: int | None  # batches between NaN/inf checks (each syncs the device); None: 1 on CPU, 50 on CUDA
+    pipeline: str  # auto (the dataset's default) | device | classic
+    step: str  # auto (graph on CUDA when the step allows it) | eager | graph
+    resume_config_check: bool  # refuse to resume a checkpoint written under another config (RESUME_MUTABLE_KEYS may differ)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> "TrainerConfig":
@@ -149,6 +152,9 @@ class TrainerConfig:
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"unknown trainer keys {unknown}; valid keys: {sorted(known)}")
+        missing = sorted(known - set(cfg))
+        if missing:
+            raise ConfigError(f"trainer keys {missing} are missing; compose the config (configs/trainer/default.yaml states every default)")
         tc = cls(**{k: v for k, v in cfg.items()})
         if tc.epochs <= 0 or tc.batch_size <= 0:
             raise ConfigError(f"trainer.epochs={tc.epochs} and trainer.batch_size={tc.batch_size} must be > 0")
