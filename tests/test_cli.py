@@ -129,6 +129,15 @@ def test_next_of_sweep_create_runs_when_pasted(tmp_path, teacher_dir):
     assert proc.returncode == 0, proc.stderr
     [run] = paste(proc.stdout, tmp_path, env)
     assert "complete 1" in run.stdout
+    # The hints of errors carry --root too: creating it again names a command that continues it.
+    again = ickd("sweep", "create", str(SMOKE), "--root", str(root), "--trials", "1", cwd=tmp_path, env=env)
+    assert again.returncode == 2
+    hint = again.stderr.split("continue it with `", 1)[1].split("`", 1)[0]
+    assert shlex.split(hint)[:2] == ["ickd", "sweep"] and str(root) in shlex.split(hint)
+    cont = ickd(*shlex.split(hint)[1:], cwd=tmp_path, env=env)
+    assert cont.returncode == 0, cont.stdout + cont.stderr  # budget used: nothing to do, but the command works
+    bad = ickd("sweep", "--root", str(root), "run", "synthetic_smoke", "--trials", "0", cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and str(root) in shlex.split(bad.stderr.split("e.g. `", 1)[1].split("`", 1)[0])
 
 
 @pytest.mark.slow

@@ -126,7 +126,7 @@ def check_run_args(args: argparse.Namespace) -> None:
     saved into study.yaml would make the study unloadable)."""
     for option, value, minimum in (("--workers", args.workers, 1), ("--trials", args.trials, 1), ("--stop-timeout", args.stop_timeout, 0)):
         if value is not None and value < minimum:
-            raise ConfigError(f"sweep run {option} must be >= {minimum}, got {value}; e.g. `ickd sweep run {args.study} --workers 2 --trials 20`")
+            raise ConfigError(f"sweep run {option} must be >= {minimum}, got {value}; e.g. `ickd sweep run {shlex.quote(str(args.study))} --workers 2 --trials 20{f' --root {shlex.quote(str(args.root))}' if getattr(args, 'root', None) else ''}`")
 
 
 def cmd_run(args: argparse.Namespace) -> None:

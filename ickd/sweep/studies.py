@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import socket
 import time
 import warnings
@@ -108,7 +109,8 @@ class StudyHandle:
         folder = studies_root(root) / spec.name
         if (folder / SPEC_FILE).exists() and not exist_ok:
             raise ConfigError(
-                f"study {spec.name!r} already exists in {folder}; continue it with `ickd sweep run {spec.name}`, "
+                f"study {spec.name!r} already exists in {folder}; continue it with "
+                f"`ickd sweep run {shlex.quote(spec.name)}{f' --root {shlex.quote(str(root))}' if root else ''}`, "
                 "choose another --name, or delete the folder to start over"
             )
         folder.mkdir(parents=True, exist_ok=True)
