@@ -243,6 +243,8 @@ def test_ddp_run_with_two_tasks_on_slurm(slurm_env, tmp_path, cleanup_jobs):
     launch = Launch.load("ddp", tmp_path / "launches")
     run, job = Path(launch.jobs[0]["out_dir"]), launch.jobs[0]["job_id"]
     wait_for(lambda: completed(run), 300, "the DDP run to complete")
+    # result.json is written before the run-end callbacks append the "end" event: wait for both.
+    wait_for(lambda: len(events(run)) >= 2, 60, "the run's end event")
     assert json.loads((run / "result.json").read_text())["world_size"] == 2
     assert [m["epoch"] for m in metrics(run)] == [1, 2]  # rank 0 alone writes each epoch once
     assert [e["event"] for e in events(run)] == ["start", "end"]
