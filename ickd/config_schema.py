@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ickd.errors import ConfigError
+from ickd.redaction import scrub_overrides
 
 
 def choice(*values: str) -> Any:
@@ -475,7 +476,7 @@ def config_error(exc: BaseException, overrides: list[str] | tuple[str, ...] = ()
         if type(err).__name__ == "MissingMandatoryValue" and full_key:
             return ConfigError(f"config error: {full_key} must be set; pass {full_key}=VALUE")
     if "OverrideParseException" in names:
-        shown, reason = _scrub_secrets(list(overrides), _first_line(str(exc)))
+        shown, reason = scrub_overrides(list(overrides), _first_line(str(exc)))
         return ConfigError(
             f"config error: cannot parse the overrides {' '.join(shown)!r}: {reason}. "
             "Write each one as key=value (quote values with spaces or special characters); "
@@ -486,16 +487,3 @@ def config_error(exc: BaseException, overrides: list[str] | tuple[str, ...] = ()
         return ConfigError(f"config error: {text}. Pick one of the available options (`ickd train --help` lists every group)")
     detail = "; ".join(_first_line(str(e)) for e in chain if str(e).strip())
     return ConfigError(f"config error: {detail}. ({_FIX})")
-
-
-def _scrub_secrets(overrides: list[str], text: str) -> tuple[list[str], str]:
-    """Overrides and an error text with every secret value hidden (the parser echoes the bad override)."""
-    from ickd.redaction import redact_argv
-
-    shown = redact_argv(overrides)
-    for raw, safe in zip(overrides, shown):
-        if raw != safe:
-            secret = raw.split("=", 1)[1] if "=" in raw else raw
-            if secret:
-                text = text.replace(secret, "***")
-    return shown, text

@@ -120,3 +120,15 @@ def url_password_in(url: str) -> bool:
     """True if ``url`` carries a password in its userinfo."""
     m = _URL_USERINFO.search(url)
     return bool(m and ":" in m["userinfo"])
+
+
+def scrub_overrides(overrides: list[str], text: str) -> tuple[list[str], str]:
+    """Overrides and an error text about them with every secret value hidden (a parser's error echoes
+    the bad override, secret and all)."""
+    shown = redact_argv(overrides)
+    for raw, safe in zip(overrides, shown):
+        if raw != safe:
+            secret = raw.split("=", 1)[1] if "=" in raw else raw
+            if secret:
+                text = text.replace(secret, REDACTED)
+    return shown, text

@@ -28,9 +28,9 @@ def expand_grid(overrides: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as exc:  # Hydra's OverrideParseException; the message shows the offending text
-        from ickd.config_schema import _scrub_secrets
+        from ickd.redaction import scrub_overrides
 
-        shown, reason = _scrub_secrets(list(overrides), str(exc))
+        shown, reason = scrub_overrides(list(overrides), str(exc))
         raise ConfigError(f"cannot parse overrides {shown}: {reason}") from exc
     axes: list[list[str]] = []
     for o in parsed:

@@ -135,10 +135,10 @@ def stopped_for_failures(study: optuna.Study, spec: Any) -> optuna.trial.FrozenT
     return min(failed, key=lambda t: t.number)
 
 
-def raise_if_stopped_for_failures(study_dir: str | Path) -> None:
-    """Fail the calling job (an in-process worker of a launched sweep) when the study stopped because its
-    trials failed, as the worker command's exit 1 does: the job must not look successful."""
-    handle = StudyHandle.load(str(study_dir))
+def raise_if_stopped_for_failures(study: str | Path, root: str | Path | None = None) -> None:
+    """Raise when the study stopped because its trials failed: the worker command exits 1 on it, and
+    an in-process worker of a launched sweep fails its job with it (the job must not look successful)."""
+    handle = StudyHandle.load(str(study), root)
     study = handle.study()
     first = stopped_for_failures(study, handle.spec)
     if first is not None:
@@ -377,11 +377,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     interrupted = guard is not None and guard.interrupt_requested()
     if not interrupted:
-        handle = StudyHandle.load(args.study, args.root)
-        study = handle.study()
-        first = stopped_for_failures(study, handle.spec)
-        if first is not None:  # exit 1: the trials failed (exit 2 is for errors in the user's input)
-            log.error("%s", failure_summary(study, handle.spec, first))
+        try:
+            raise_if_stopped_for_failures(args.study, args.root)
+        except TrialsFailedError as exc:  # exit 1: the trials failed (exit 2 is for errors in the user's input)
+            log.error("%s", exc)
             sys.exit(1)
     if interrupted:
         from ickd.launch.preemption import EXIT_INTERRUPTED
