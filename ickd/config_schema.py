@@ -187,6 +187,7 @@ class TrainerSchema:
     deterministic: bool = req()
     num_workers: int = req()
     checkpoint_every: int = req()
+    bank_checkpoint_every: int = req()     # epochs between checkpoints carrying a bank that changes (docs/design.md)
     resume: str = req()                     # auto | never | PATH (or a W&B artifact reference)
     progress: str = choice("auto", "on", "off")
     progress_interval_s: float = req()
@@ -394,7 +395,7 @@ def _check_ranges(cfg: DictConfig) -> None:
             raise ConfigError(f"config error: {key}={value} must be > 0" + (" (or null)" if allow_none else ""))
 
     t = cfg.trainer
-    for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "eval_every"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "bank_checkpoint_every", "eval_every"):
         positive(f"trainer.{key}", _value(t, key))
     for key in ("max_batches_per_epoch", "threads", "nonfinite_check_every"):
         positive(f"trainer.{key}", _value(t, key), allow_none=True)

@@ -106,3 +106,17 @@ def test_curve_check_detects_a_bf16_sized_difference():
     assert result["pass"] is False and result["fast"]["amp"] == "bf16"
     assert result["max_rel_diff"] > 1e-4
     assert any("differs by" in f for f in result["failures"])
+
+
+def test_fit_overhead_prints_fit_next_to_step_throughput_and_the_bank_policies_differ(tmp_path):
+    """bench/fit_overhead.py (issue 12): fit() end-to-end images/s next to step-only images/s, per
+    bank-checkpoint policy; a frozen, pass-filled bank never goes into last.pt."""
+    status, lines, output = run_bench("fit_overhead.py", "--epochs", "2", "--num-train", "2048", "--batches-per-epoch", "3")
+    assert status == 0, output
+    cells = {c["policy"]: c for c in lines if c.get("kind") == "cell"}
+    assert set(cells) == {"bank-every-epoch", "bank-every-5", "frozen-rebuilt"}, output
+    for c in cells.values():
+        assert c["step_images_per_s"] > 0 and c["fit_images_per_s"] > 0 and c["saves"] >= 2
+    # The bank (2048 x feature dim + logits) dominates a checkpoint that carries it.
+    assert cells["frozen-rebuilt"]["last_pt_mb_max"] * 5 < cells["bank-every-epoch"]["last_pt_mb_max"]
+    assert "| policy | epochs | step img/s | fit img/s |" in output and "command:" in output

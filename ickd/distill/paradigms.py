@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ickd import fastpath
 from ickd.distill.methods import LossMethod
 from ickd.memory import MemoryBank, Neighbours
 from ickd.registry import Registry
@@ -44,6 +45,16 @@ class StepOutput:
 
 def retrieval_stats(nb: Neighbours, prefix: str = "") -> dict[str, torch.Tensor]:
     """Fraction of same-class neighbours and mean neighbour similarity (device tensors, no sync)."""
+    if fastpath.enabled("stats"):
+        # Neighbours guarantees positive => valid and sims == 0 where not valid, so the masks drop
+        # out; integer counts are exact, so the values are bit-identical to the masked form below.
+        per_row = nb.positive.sum(dim=1)
+        count = max(nb.valid.numel(), 1) if nb.all_valid else nb.valid.sum().clamp_min(1)
+        return {
+            f"{prefix}pos_frac": per_row.sum() / count,
+            f"{prefix}nb_sim": nb.sims.float().sum() / count,
+            f"{prefix}no_pos_frac": (per_row == 0).float().mean(),
+        }
     valid = nb.valid.float()
     count = valid.sum().clamp_min(1.0)
     return {
@@ -79,6 +90,11 @@ class Distiller(nn.Module):
         """The Python values ``forward_train`` derives from ``epoch``; a change means a new capture."""
         return (self.method.step_signature(epoch), self._fills_online(epoch))
 
+    def prepare_epoch(self, epoch: int) -> None:
+        """Set the per-epoch device values a captured step reads (the method's warm-up scalar);
+        outside any graph. ``step_signature`` does the same before every graph step."""
+        self.method.set_epoch(epoch)
+
     def capture_blocker(self, epoch: int) -> str | None:
         """Why this epoch's step cannot be captured in a CUDA graph right now (None: it can)."""
         if self._fills_online(epoch):
@@ -107,9 +123,13 @@ class Distiller(nn.Module):
         # (and whitening) from the filled bank exactly and transforms the entries once.
         bank.begin_fill()
         for x, y, idx in batches:
-            logits, feats = source(x)
+            logits, feats = self._fill_forward(source, x)
             bank.fill(idx, feats.float(), logits.float(), y)
         bank.finish_fill()
+
+    def _fill_forward(self, source: nn.Module, x: torch.Tensor):
+        """The fill pass's forward of ``source`` (the same network the training steps query with)."""
+        return source(x)
 
     def distil(self, logits, teacher_logits, teacher_feats, y, idx, epoch, bank: MemoryBank | None, prefix: str = ""):
         """The method's losses for one student: retrieve its neighbours from ``bank`` (queried with
@@ -164,6 +184,9 @@ class OfflineDistiller(Distiller):
         if bank is not None:
             self.banks["teacher"] = bank
         self.fill_pass = fill_pass
+        # (key, folded copy) of the frozen teacher for autocast steps; a plain attribute, not a
+        # submodule: no state_dict entry, never trained, rebuilt when its key changes.
+        self._folded: tuple[Any, nn.Module | None] | None = None
 
     def train(self, mode: bool = True) -> "OfflineDistiller":
         super().train(mode)
@@ -174,13 +197,43 @@ class OfflineDistiller(Distiller):
     def bank_fill_source(self):
         return self.teacher if self.fill_pass else None
 
+    def _fill_forward(self, source, x):
+        # The bank holds what the steps query with: the folded teacher under autocast.
+        return (self._step_teacher(x) if source is self.teacher else source)(x)
+
+    def _step_teacher(self, x: torch.Tensor) -> nn.Module:
+        """The teacher a training step runs: under autocast, a copy with its BatchNorms folded into
+        the convolutions and the weights in the autocast dtype (``ickd.fastpath`` switch
+        ``teacher_fold``; no BN pass and no weight cast per step), else the teacher itself."""
+        assert self.teacher is not None
+        device = x.device.type
+        if not (fastpath.enabled("teacher_fold") and torch.is_autocast_enabled(device)) or self.teacher.training:
+            return self.teacher
+        from ickd.models.fold import fold_frozen
+
+        params = list(self.teacher.parameters())
+        fmt = torch.channels_last if any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                                         and not p.is_contiguous() for p in params) else torch.contiguous_format
+        dtype = torch.get_autocast_dtype(device)
+        # In-place changes of the teacher (a load_state_dict) bump the parameters' versions.
+        key = (dtype, x.device, fmt, tuple(p.data_ptr() for p in params[:1]), sum(p._version for p in params))
+        if self._folded is None or self._folded[0] != key:
+            if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # Folding inside a capture would recompute the folded weights in every replay.
+                raise RuntimeError("the folded teacher changed during CUDA-graph capture; run an eager step first")
+            self._folded = (key, fold_frozen(self.teacher, dtype, fmt))
+        return self._folded[1] or self.teacher
+
     def forward_train(self, x, y, idx, epoch):
         teacher_logits = teacher_feats = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits, teacher_feats = self.teacher(x)
+                teacher_logits, teacher_feats = self._step_teacher(x)(x)
         logits, _ = self.student(x)
         bank = self.banks.get("teacher")
+        if bank is not None and fastpath.enabled("lean_bank"):
+            # Cast once (exact): retrieval, the losses and the bank write each cast them otherwise.
+            teacher_logits, teacher_feats = teacher_logits.float(), teacher_feats.float()
         losses, stats = self.distil(logits, teacher_logits, teacher_feats, y, idx, epoch, bank)
         if bank is not None:
             self.write_bank(bank, epoch, idx, teacher_feats.float(), teacher_logits.float(), y)

@@ -140,6 +140,26 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` the same file as ``src`` atomically (a hard link renamed into place; a copy where
+    the filesystem has no hard links). ``src`` is replaced by rename on its next save, so ``dst``
+    keeps this version."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.link"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+    except OSError:
+        atomic_write_bytes(dst, src.read_bytes())
+        return
+    try:
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise disk_write_error(dst, exc) from exc
+    _fsync_dir(dst.parent)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` with a clear error when it is unusable."""
     path = Path(path)

@@ -23,6 +23,8 @@ from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
+from ickd import fastpath
+
 log = logging.getLogger(__name__)
 
 StepResult = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]
@@ -34,12 +36,21 @@ WARMUP_STEPS = 3
 
 class EpochMeters:
     """Sums of the step's losses and statistics, top-1 hits, and the first non-finite batch, kept
-    on the device and updated in place (so a captured step can update them)."""
+    on the device and updated in place (so a captured step can update them).
+
+    Fast layout (``ickd.fastpath`` switch ``meters``, on by default): the hit count and every sum
+    live in one float vector ``[correct, loss, *losses, *stats]`` (``sums[key]`` and ``correct`` are
+    views into it), so a step adds all of them with one ``stack`` and one ``add_`` and checks the
+    loss components for non-finite values with two kernels, instead of a few ops per key. The layout
+    is fixed by the first step (eager: warm-up steps precede a capture); a step with other keys
+    re-lays it out, keeping the sums, and is refused during a capture."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
-        self.correct = torch.zeros((), device=device)
+        self._keys: tuple[str, ...] = ()
+        self._vec = torch.zeros(1, device=device)
+        self.correct = self._vec[0]
         self.step = torch.zeros((), dtype=torch.long, device=device)  # batch index in the epoch
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite batch
         self.loss_names: list[str] = []
@@ -59,24 +70,69 @@ class EpochMeters:
     def _capturing(self) -> bool:
         return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
+    def _layout(self, keys: tuple[str, ...]) -> None:
+        """Lay the vector out as ``[correct, *keys, *other known keys]``, keeping every sum."""
+        if self._capturing():  # a new allocation inside the graph would be replayed into nothing
+            raise RuntimeError(f"meters {list(keys)} first appeared during CUDA-graph capture; run an eager step first")
+        order = keys + tuple(k for k in self._keys if k not in keys)
+        old = self._vec
+        vec = torch.zeros(1 + len(order), device=self.device)
+        vec[0] = old[0]
+        for i, key in enumerate(order, start=1):
+            if key in self.sums:
+                vec[i] = self.sums[key]
+        self._vec, self._keys = vec, order
+        self.correct = vec[0]
+        self.sums = {key: vec[i] for i, key in enumerate(order, start=1)}
+
     def _sum(self, key: str) -> torch.Tensor:
         if key not in self.sums:
             if self._capturing():  # a fill inside the graph would rerun every replay
                 raise RuntimeError(f"meter {key!r} first appeared during CUDA-graph capture; run an eager step first")
-            self.sums[key] = torch.zeros((), device=self.device)
+            if fastpath.enabled("meters"):
+                self._layout(self._keys + (key,))
+            else:
+                self.sums[key] = torch.zeros((), device=self.device)
         return self.sums[key]
 
-    def add(self, total: torch.Tensor, losses: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor],
-            logits: torch.Tensor, labels: torch.Tensor) -> None:
-        for key, value in {"loss": total, **losses, **stats}.items():
-            self._sum(key).add_(value.detach().float())
-        self.correct.add_((logits.argmax(dim=1) == labels).sum())
-        names = list(losses)
+    def _check_names(self, names: list[str]) -> None:
         if names != self.loss_names:
             if self._capturing():
                 raise RuntimeError("the loss components changed during CUDA-graph capture")
             self.loss_names = names
             self.bad_components = torch.zeros(len(names), dtype=torch.bool, device=self.device)
+
+    def add(self, total: torch.Tensor, losses: Mapping[str, torch.Tensor], stats: Mapping[str, torch.Tensor],
+            logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if not fastpath.enabled("meters"):
+            return self._add_per_key(total, losses, stats, logits, labels)
+        keys = ("loss", *losses, *stats)
+        if self._keys[: len(keys)] != keys:
+            self._layout(keys)
+        names = list(losses)
+        self._check_names(names)
+        with torch.no_grad():  # instead of a detach (a dispatched op) per value
+            values = [v if v.dtype == torch.float32 else v.float() for v in (total, *losses.values(), *stats.values())]
+            stacked = torch.stack(values)
+            self._vec[1 : 1 + len(keys)].add_(stacked)
+            self.correct.add_((logits.argmax(dim=1) == labels).sum())
+            if names:
+                comp = stacked[1 : 1 + len(names)]
+                bad = (comp - comp).ne(0)  # x - x is 0 for finite x, NaN for inf and NaN
+            else:
+                bad = self.bad_components
+            first = (self.first_bad < 0) & bad.any()
+            self.bad_components.copy_(torch.where(first, bad, self.bad_components))
+            self.first_bad.copy_(torch.where(first, self.step, self.first_bad))
+            self.step.add_(1)
+
+    def _add_per_key(self, total, losses, stats, logits, labels) -> None:
+        """The per-key update (``fastpath`` switch ``meters`` off): a few ops per key."""
+        for key, value in {"loss": total, **losses, **stats}.items():
+            self._sum(key).add_(value.detach().float())
+        self.correct.add_((logits.argmax(dim=1) == labels).sum())
+        names = list(losses)
+        self._check_names(names)
         bad = torch.stack([~torch.isfinite(v.detach().float()).all() for v in losses.values()]) if names else self.bad_components
         first = (self.first_bad < 0) & bad.any()
         self.bad_components.copy_(torch.where(first, bad, self.bad_components))
@@ -101,6 +157,11 @@ class CudaGraphStep:
     the captured backward *writes* each gradient into memory the graph owns; afterwards eager steps
     zero those tensors in place instead of dropping them, so the graph and the optimiser keep
     sharing them.
+
+    A capture or first replay that raises ends graph use for the run, not the run: one warning
+    with the cause, the half-made graph and its gradients dropped, the meters and the distiller's
+    state (BN statistics, banks) restored from ``snapshot()`` taken before the capture, and that
+    batch and all later ones run eagerly (``mode`` becomes ``eager-fallback``, ``fallback`` the cause).
     """
 
     def __init__(
@@ -111,8 +172,10 @@ class CudaGraphStep:
         zero_grad: Callable[[bool], None],
         batch_size: int,
         warmup_steps: int = WARMUP_STEPS,
+        snapshot: Callable[[], Callable[[], None]] | None = None,
     ) -> None:
         self.body, self.finish, self.eager, self.zero_grad = body, finish, eager, zero_grad
+        self.snapshot = snapshot  # returns a closure restoring meters and distiller state (see _fall_back)
         self.batch_size = batch_size
         self.warmup_steps = warmup_steps
         self.graph: Any = None
@@ -125,19 +188,55 @@ class CudaGraphStep:
         self.eager_steps = 0
         self._blocked: str | None = None
         self._side_stream: Any = None
+        #: Why capture or the first replay of a graph failed (None: it has not); from then on every
+        #: step runs eagerly (:meth:`_fall_back`).
+        self.fallback: str | None = None
+        self._verified = False  # whether the current graph has replayed once without raising
 
     @property
     def holds_grads(self) -> bool:
         """Whether the parameters' gradient tensors belong to a live graph (never drop them then)."""
         return self.graph is not None
 
+    @property
+    def mode(self) -> str:
+        """``graph``, or ``eager-fallback`` once a capture failed (the reason is in ``fallback``)."""
+        return "graph" if self.fallback is None else "eager-fallback"
+
     def release(self) -> None:
         self.graph, self.static, self.outputs, self.signature, self.warm = None, (), None, None, 0
+        self._verified = False
+
+    def _copy_inputs(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
+        for static, value in zip(self.static, (x, y, idx)):
+            static.copy_(value, non_blocking=True)
+
+    def _snapshot(self) -> Callable[[], None]:
+        """A way back to the meters and the distiller's state as they are now (a first replay that
+        failed part-way may have updated them). Parameters and optimiser state need none: the
+        optimiser step runs after the replay."""
+        return self.snapshot() if self.snapshot is not None else (lambda: None)
+
+    def _fall_back(self, exc: BaseException, restore: Callable[[], None], x, y, idx, epoch) -> StepResult:
+        """Capture or the first replay raised: drop the half-made graph and everything it owns
+        (its gradient tensors included: the next eager step allocates fresh ones), put the meters
+        and the distiller's state back as they were before, and run this batch and every later one
+        eagerly."""
+        self.fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+        log.warning("CUDA graph capture failed (%s); training continues with the eager step", self.fallback)
+        self.release()
+        self.zero_grad(True)
+        restore()
+        self.eager_steps += 1
+        return self.eager(x, y, idx, epoch)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int,
                  signature: Hashable, blocker: str | None) -> tuple[StepResult, bool]:
         """One training step; returns its result and whether the meters were already updated
         (graph and warm-up steps run ``body``, which updates them; plain eager steps do not)."""
+        if self.fallback is not None:
+            self.eager_steps += 1
+            return self.eager(x, y, idx, epoch), False
         if blocker is not None or x.shape[0] != self.batch_size:
             if blocker is not None and blocker != self._blocked:
                 log.info("CUDA graph step paused: %s; running eagerly", blocker)
@@ -155,12 +254,23 @@ class CudaGraphStep:
             self.warm += 1
             self.eager_steps += 1
             return self._warmup(x, y, idx, epoch), True
-        if self.graph is None:
-            self._capture(x, y, idx, epoch)
+        if self.graph is None or not self._verified:
+            # Capture and the first replay may raise (an op capture does not support, a driver that
+            # cannot instantiate the graph): the run must not end there (:meth:`_fall_back`).
+            snapshot = self._snapshot()
+            try:
+                if self.graph is None:
+                    self._capture(x, y, idx, epoch)
+                else:
+                    self._copy_inputs(x, y, idx)
+                self.graph.replay()
+                self._sync()
+            except Exception as exc:  # noqa: BLE001 - any failure here means: train eagerly
+                return self._fall_back(exc, snapshot, x, y, idx, epoch), False
+            self._verified = True
         else:
-            for static, value in zip(self.static, (x, y, idx)):
-                static.copy_(value, non_blocking=True)
-        self.graph.replay()
+            self._copy_inputs(x, y, idx)
+            self.graph.replay()
         self.replays += 1
         self.finish()
         assert self.outputs is not None
@@ -189,6 +299,11 @@ class CudaGraphStep:
         self.graph = graph
         self.captures += 1
         log.info("captured the training step in a CUDA graph (batch %d, capture %d)", self.batch_size, self.captures)
+
+    def _sync(self) -> None:
+        """Wait for the first replay, so an error it raises on the device surfaces here."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.current_stream().synchronize()
 
     def stats(self) -> dict[str, int]:
         return {"graph_captures": self.captures, "graph_replays": self.replays, "eager_steps": self.eager_steps}

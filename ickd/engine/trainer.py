@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -22,7 +23,7 @@ import torch
 from ickd.distill import Distiller
 from ickd.engine import distributed
 from ickd.engine.callbacks import Callback, CallbackList, MetricsFile, RunInfo
-from ickd.engine.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from ickd.engine.checkpoint import atomic_link, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from ickd.engine.distributed import DistEnv
 from ickd.engine.optim import build_optimizer, build_scheduler
 from ickd.engine.progress import PROGRESS_FILE, ProgressTracker, format_duration
@@ -32,6 +33,11 @@ from ickd.errors import CheckpointError, ConfigError, DiskWriteError, NonFiniteL
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+#: The newest checkpoint that carries every memory bank training changes, kept beside last.pt when
+#: trainer.bank_checkpoint_every > 1 (a hard link to the last.pt it was).
+WITH_BANK_FILE = "with_bank.pt"
+#: A bank's M-sized entries: what a checkpoint leaves out of a bank the resume rebuilds.
+BANK_ENTRIES = ("feats", "logits", "labels", "sample_idx")
 
 # Config keys a resumed run may change (a key matches itself and everything under it): they change
 # how long, where, how fast or how visibly a run trains, never what it trains, so the resumed run is
@@ -41,7 +47,7 @@ CHECKPOINT_VERSION = 1
 # would silently relabel the run (docs/design.md, "Resume safety").
 RESUME_MUTABLE_KEYS = (
     "trainer.epochs", "trainer.progress", "trainer.progress_interval_s", "trainer.resume", "trainer.resume_config_check", "trainer.threads",
-    "trainer.num_workers", "trainer.eval_batch_size", "trainer.eval_every", "trainer.checkpoint_every",
+    "trainer.num_workers", "trainer.eval_batch_size", "trainer.eval_every", "trainer.checkpoint_every", "trainer.bank_checkpoint_every",
     "trainer.nonfinite_check_every", "trainer.device", "trainer.pipeline", "trainer.step",
     "logger", "name", "hydra",
     "memory.backend", "memory.nlist", "memory.nprobe", "memory.use_gpu",
@@ -135,6 +141,7 @@ class TrainerConfig:
     deterministic: bool
     num_workers: int
     checkpoint_every: int
+    bank_checkpoint_every: int  # epochs between checkpoints carrying a bank that training changes (see Trainer.save)
     resume: str  # auto | never | PATH to a last.pt
     progress: str  # auto (bar on a terminal, else log lines) | on (bar) | off (neither)
     progress_interval_s: float  # seconds between progress lines/progress.json ticks inside an epoch; 0 disables
@@ -158,6 +165,8 @@ class TrainerConfig:
         tc = cls(**{k: v for k, v in cfg.items()})
         if tc.epochs <= 0 or tc.batch_size <= 0:
             raise ConfigError(f"trainer.epochs={tc.epochs} and trainer.batch_size={tc.batch_size} must be > 0")
+        if not isinstance(tc.bank_checkpoint_every, int) or isinstance(tc.bank_checkpoint_every, bool) or tc.bank_checkpoint_every < 1:
+            raise ConfigError(f"trainer.bank_checkpoint_every={tc.bank_checkpoint_every!r} must be an integer >= 1")
         if tc.step not in STEP_MODES:
             raise ConfigError(f"trainer.step={tc.step!r} is not valid; use one of: {', '.join(STEP_MODES)}")
         if not isinstance(tc.resume_config_check, bool):
@@ -236,6 +245,41 @@ def _at_selected_epoch(history: Iterable[Mapping[str, Any]], key: str) -> float 
     return value
 
 
+def _clone_tensors(value: Any) -> Any:
+    """``value`` with every tensor in it (nested dicts, lists, tuples) cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((k, _clone_tensors(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
+def _bank_digest(bank: Any) -> str:
+    """SHA-256 of a bank's entries (bytes on the host): what a rebuilt bank must reproduce."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    state = bank.state_dict()
+    for key in BANK_ENTRIES:
+        tensor = state[key].detach().contiguous().cpu()
+        digest.update(key.encode())
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int]) -> list[torch.Tensor]:
     maxk = min(max(ks), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices
@@ -290,6 +334,10 @@ class Trainer:
         if self.channels_last:
             self.distiller.to(memory_format=torch.channels_last)
         self.start_epoch = 0
+        self._bank_epoch: int | None = None  # epoch of the newest checkpoint carrying the changing banks
+        self._banks_in_last = True  # whether last.pt carries them
+        self._fingerprints: dict[str, str] = {}  # rebuilt banks: their entries' digest (frozen: computed once)
+        self._fill_batch: int | None = None  # the fill pass's batch if not eval_batch_size (a rebuild uses the original's)
         self.partial: dict[str, Any] | None = None  # progress inside an epoch, from a mid-epoch checkpoint
         self.best_top1 = -1.0
         self.history: list[dict[str, Any]] = []
@@ -313,7 +361,8 @@ class Trainer:
         self.meters = EpochMeters(self.device)
         self._graph: CudaGraphStep | None = None
         if self.step_mode == "graph":
-            self._graph = CudaGraphStep(self._step_body, self._finish_step, self.train_step, self._zero_grad, batch)
+            self._graph = CudaGraphStep(self._step_body, self._finish_step, self.train_step, self._zero_grad, batch,
+                                        snapshot=self._meters_snapshot)
         self.pipeline = data.check_pipeline(trainer_cfg.pipeline)
         self._loader_kw = {"device": self.device, "num_workers": trainer_cfg.num_workers, "pipeline": self.pipeline, **self._shard}
         self.train_loader = data.train_loader(batch, shuffle=True, augment=True, seed=seed, **self._loader_kw)
@@ -347,7 +396,37 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         # Graph capture needs the cast weights recomputed in every replay, not cached from capture time.
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=self._graph is None)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                              cache_enabled=self._graph is None or self._graph.fallback is not None)
+
+    def _meters_snapshot(self):
+        """A closure putting the epoch meters and the distiller's training state (BN statistics,
+        banks) back as they are now: a CUDA graph's fallback (:meth:`CudaGraphStep._fall_back`)
+        after a first replay that raised part-way. Taken once per capture (a copy of the banks
+        then, briefly), never per step."""
+        meters = self.meters
+        state = _clone_tensors(self.distiller.training_state())
+        # A deep copy keeps views as views (the meters' sums may be views into one vector); the
+        # graph is dropped on a fallback, so the restored meters need not be the same tensors.
+        saved = copy.deepcopy(vars(meters))
+
+        def restore() -> None:
+            vars(meters).clear()
+            vars(meters).update(saved)
+            self.distiller.load_training_state(state)
+
+        return restore
+
+    def step_mode_metrics(self) -> dict[str, Any]:
+        """``step_mode`` (graph | eager | eager-fallback) and, after a fallback, its reason
+        (``step_fallback``), plus the graph's counters: recorded per epoch in metrics.jsonl."""
+        if self._graph is None:
+            return {"step_mode": "eager"}
+        out: dict[str, Any] = {"step_mode": self._graph.mode, **{f"step/{k}": v for k, v in self._graph.stats().items()}}
+        out["step/fallback"] = int(self._graph.fallback is not None)  # numeric: W&B logs numbers only
+        if self._graph.fallback is not None:
+            out["step_fallback"] = self._graph.fallback
+        return out
 
     def _zero_grad(self, set_to_none: bool) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -533,12 +612,38 @@ class Trainer:
         return metrics
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _state(self, epoch: int, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _rebuilt_banks(self) -> list[str]:
+        """Banks a resume rebuilds instead of loading: filled by a no-grad pass of a frozen teacher
+        before training and never written after it (memory.update=frozen), so the pass, run again,
+        gives them back exactly (checked against their digest)."""
+        if not self.distiller.banks or self.distiller.bank_fill_source() is None:
+            return []
+        return [name for name, bank in self.distiller.banks.items() if getattr(bank, "update_rule", None) == "frozen"]
+
+    def _fingerprint(self, name: str) -> str:
+        if name not in self._fingerprints:
+            self._fingerprints[name] = _bank_digest(self.distiller.banks[name])
+        return self._fingerprints[name]
+
+    def _distiller_state(self, with_banks: bool) -> dict[str, Any]:
+        state = self.distiller.training_state()
+        banks = state.get("banks", {})
+        rebuilt = self._rebuilt_banks()
+        for name in list(banks):
+            if name in rebuilt:
+                banks[name] = {"rebuilt_on_resume": True, "fingerprint": self._fingerprint(name), "fill_batch": self._fill_batch or self._eval_batch,
+                               "state": {k: v for k, v in banks[name].items() if k not in BANK_ENTRIES}}
+            elif not with_banks:
+                banks[name] = {"saved_in": WITH_BANK_FILE}
+        return state
+
+    def _state(self, epoch: int, partial: dict[str, Any] | None = None, with_banks: bool = True) -> dict[str, Any]:
         return {
             "partial": partial,  # None at an epoch boundary
             "version": CHECKPOINT_VERSION,
             "epoch": epoch,  # epochs completed
-            "distiller": self.distiller.training_state(),
+            "distiller": self._distiller_state(with_banks),
+            "bank_epoch": epoch if with_banks else self._bank_epoch,  # the checkpoint that carries the banks
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "best_top1": self.best_top1,
@@ -583,11 +688,24 @@ class Trainer:
             "label and config.yaml:\n%s", path, listing,
         )
 
-    def save(self, epoch: int, is_best: bool, partial: dict[str, Any] | None = None) -> None:
+    def save(self, epoch: int, is_best: bool, partial: dict[str, Any] | None = None, *, banks: bool = False) -> None:
+        """last.pt (and best.pt). Banks training changes are in it every trainer.bank_checkpoint_every
+        epochs, at the last epoch, mid-epoch and whenever ``banks`` (a stop or interrupt); a rebuilt
+        bank (:meth:`_rebuilt_banks`) never. A full last.pt is also kept as checkpoints/with_bank.pt
+        when the next ones may lack the banks, so a resume can start there exactly."""
+        changing = [name for name in self.distiller.banks if name not in self._rebuilt_banks()]
+        every = self.cfg.bank_checkpoint_every
+        with_banks = (not changing or banks or partial is not None or epoch >= self.cfg.epochs
+                      or self._bank_epoch is None or epoch - self._bank_epoch >= every)
+        if with_banks:
+            self._bank_epoch = epoch
+        self._banks_in_last = with_banks
         if not self.dist.is_main:  # all ranks hold the same state; rank 0 writes it
             return
         path = self.ckpt_dir / "last.pt"
-        save_checkpoint(path, self._state(epoch, partial))
+        save_checkpoint(path, self._state(epoch, partial, with_banks))
+        if changing and with_banks and every > 1:
+            atomic_link(path, self.ckpt_dir / WITH_BANK_FILE)
         if is_best:
             # The published CIFAR teacher format, so a teacher trained here loads like theirs.
             best = {"model": self.distiller.student.state_dict(), "epoch": epoch, "best_acc": self.best_top1}
@@ -613,6 +731,13 @@ class Trainer:
         if state.get("version") != CHECKPOINT_VERSION or "distiller" not in state:
             raise CheckpointError(f"{path} is not an ickd training checkpoint (version {state.get('version')}); resume from a checkpoints/last.pt written by ickd")
         self._check_resume_config(path, state.get("run_config"))
+        banks = state["distiller"].get("banks") or {}
+        if any(isinstance(s, dict) and "saved_in" in s for s in banks.values()):
+            path, state = self._checkpoint_with_banks(path, state)
+            banks = state["distiller"].get("banks") or {}
+        rebuilt = [name for name, s in banks.items() if isinstance(s, dict) and s.get("rebuilt_on_resume")]
+        if rebuilt:
+            self._rebuild_banks(path, banks, rebuilt)
         try:
             self.distiller.load_training_state(state["distiller"])
         except (RuntimeError, KeyError) as exc:
@@ -624,6 +749,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = int(state["epoch"])
+        self._bank_epoch = state.get("bank_epoch", self.start_epoch)
         self.partial = state.get("partial")
         self.best_top1 = float(state["best_top1"])
         self.history = list(state["history"])
@@ -638,6 +764,53 @@ class Trainer:
                 write_config_yaml(self.out_dir / "config.yaml", label)
         where = f", batch {self.partial['step']}" if self.partial else ""
         log.info("resumed from %s at epoch %d%s", path, self.start_epoch, where)
+
+    def _checkpoint_with_banks(self, path: Path, state: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        """``path`` lacks the banks that training changes (trainer.bank_checkpoint_every): resume from
+        checkpoints/with_bank.pt, the newest checkpoint with them, and train the epochs since then
+        again (exact: every epoch depends only on the state at its start). Refused when that file is
+        gone or is not the one ``path`` names."""
+        full = path.parent / WITH_BANK_FILE
+        wanted = state.get("bank_epoch")
+        if not full.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} (epoch {state['epoch']}) holds no memory bank (trainer.bank_checkpoint_every) and "
+                f"{full}, the checkpoint of epoch {wanted} that holds it, is missing: the run cannot be resumed exactly. "
+                "Put that file back, or start afresh with trainer.resume=never."
+            )
+        older = load_checkpoint(full, map_location=self.device)
+        if older.get("version") != CHECKPOINT_VERSION or older.get("epoch") != wanted or older.get("run_name") != state.get("run_name"):
+            raise CheckpointError(
+                f"{full} is not the checkpoint of epoch {wanted} that {path} names for its memory bank "
+                f"(it is epoch {older.get('epoch')} of run {older.get('run_name')!r}): the run cannot be resumed exactly. "
+                "Start afresh with trainer.resume=never."
+            )
+        log.warning(
+            "%s (epoch %d) holds no memory bank; resuming from %s (epoch %d), the newest checkpoint with it: "
+            "epochs %d-%d are trained again", path, int(state["epoch"]), full, wanted, wanted + 1, int(state["epoch"]),
+        )
+        return full, older
+
+    def _rebuild_banks(self, path: Path, banks: dict[str, Any], names: list[str]) -> None:
+        """Refill the banks a checkpoint left out (:meth:`_rebuilt_banks`) with the fill pass, check
+        their entries against the digest saved, and put their (small) saved state over them."""
+        self._fill_batch = int(banks[names[0]].get("fill_batch", self._eval_batch))
+        log.info("rebuilding the frozen memory bank(s) %s with the fill pass (the checkpoint leaves them out)", names)
+        self.fill_banks()
+        for name in names:
+            saved = banks[name]
+            bank = self.distiller.banks.get(name)
+            if bank is None:
+                raise CheckpointError(f"checkpoint {path} has memory bank {name!r}, which this run does not")
+            digest = _bank_digest(bank)
+            if digest != saved["fingerprint"]:
+                raise CheckpointError(
+                    f"the memory bank {name!r} rebuilt by the fill pass differs from the one checkpoint {path} was "
+                    "trained with (another teacher file, dataset or fill nondeterminism): the run cannot be resumed "
+                    "exactly. Resume with the original teacher and data, or start afresh with trainer.resume=never."
+                )
+            self._fingerprints[name] = digest
+            banks[name] = {**bank.state_dict(), **saved["state"]}
 
     # --- the run -----------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -654,6 +827,7 @@ class Trainer:
         else:
             if self.dist.is_main:
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+                (self.ckpt_dir / WITH_BANK_FILE).unlink(missing_ok=True)  # an earlier run's
             self.progress.start(0, self._batches_per_epoch())
             self.fill_banks()
         self.run_info.start_epoch = self.start_epoch
@@ -679,6 +853,7 @@ class Trainer:
                     metrics.update(self.evaluate())
                     self.progress.eval_done()
                 metrics.update(self.distiller.bank_stats())
+                metrics.update(self.step_mode_metrics())
                 top1 = metrics.get("val/top1", -1.0)
                 is_best = top1 > self.best_top1
                 self.best_top1 = max(self.best_top1, top1)
@@ -706,11 +881,13 @@ class Trainer:
                         epoch + 1, self.cfg.epochs, loss, top1, self.best_top1, metrics["time/epoch_s"], eta,
                     )
                 if epoch + 1 < self.cfg.epochs and self._interrupt_requested():
-                    if not saved:
-                        self.save(epoch + 1, False)
+                    if not saved or not self._banks_in_last:
+                        self.save(epoch + 1, False, banks=True)
                     status = "interrupted"
                     break
                 if self._agree(self.callbacks.should_stop()):
+                    if not self._banks_in_last:  # a stopped run resumes from here, not an older one
+                        self.save(epoch + 1, False, banks=True)
                     status = "stopped"
                     break
         except NonFiniteLossError:
@@ -770,14 +947,16 @@ class Trainer:
         # M = N and random-subset banks do not depend on the order, which stays the dataset's (and a
         # sharded fixed-order pass keeps every sample, where a shuffled one drops < world_size).
         shuffle = any(bank.mode == "fifo" for bank in self.distiller.banks.values())
-        loader = self.data.train_loader(self._eval_batch, shuffle=shuffle, augment=False, seed=self.seed, **self._loader_kw)
+        fill_batch = self._fill_batch or self._eval_batch
+        loader = self.data.train_loader(fill_batch, shuffle=shuffle, augment=False, seed=self.seed, **self._loader_kw)
         loader.set_epoch(0)
         batches = self._progress(loader, len(loader), "filling memory bank")
         self.progress.phase("filling")
-        log.info("filling the memory bank(s): %d batches of %d images", len(loader), self._eval_batch)
+        log.info("filling the memory bank(s): %d batches of %d images", len(loader), fill_batch)
         if self.dist.world_size > 1:  # each rank fills from its shard; GatheredBank.fill shares the rows
-            batches = distributed.pad_steps(batches, distributed.fill_steps(self.data.num_train, self._eval_batch, self.dist.world_size))
+            batches = distributed.pad_steps(batches, distributed.fill_steps(self.data.num_train, fill_batch, self.dist.world_size))
         if self.channels_last:
             batches = ((x.contiguous(memory_format=torch.channels_last), y, idx) for x, y, idx in batches)
-        with self._autocast():
+        # Deterministic kernels for the pass: a resume rebuilds a frozen bank by running it again.
+        with self._autocast(), _deterministic_cudnn():
             self.distiller.fill_banks(batches)

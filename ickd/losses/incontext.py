@@ -19,6 +19,7 @@ __all__ = [
     "AGGREGATES",
     "NICD_FORMS",
     "aggregate_positive_targets",
+    "aggregate_positive_targets_at",
     "picd_loss",
     "nicd_loss",
     "neighbour_weights",
@@ -85,27 +86,61 @@ def aggregate_positive_targets(
     with ``a_ij`` from :func:`neighbour_weights` over the positives. Rows without positives use
     ``softmax(fallback_logits / T)`` (the sample's own teacher output), so PICD equals KD there.
     """
-    check_temperature(temperature)
+    return aggregate_positive_targets_at(
+        neighbour_logits, neighbour_sims, positive, fallback_logits, (temperature,), tau_r, weighting, aggregate
+    )[0]
+
+
+def aggregate_positive_targets_at(
+    neighbour_logits: torch.Tensor,
+    neighbour_sims: torch.Tensor,
+    positive: torch.Tensor,
+    fallback_logits: torch.Tensor,
+    temperatures: tuple[float, ...],
+    tau_r: float = 0.1,
+    weighting: str = "similarity",
+    aggregate: str = "logits",
+    masked_rows_may_be_nan: bool = False,
+) -> list[torch.Tensor]:
+    """:func:`aggregate_positive_targets` at several temperatures (PICD's T and NICD's T_n) with the
+    neighbour weights, the aggregated logits and the has-positive mask computed once; each target
+    is bit-identical to a separate call. ``masked_rows_may_be_nan``: compute the similarity weights
+    with fewer ops, letting rows without positives pass through NaN before their fallback
+    (the returned targets are the same, bit for bit)."""
+    for t in temperatures:
+        check_temperature(t)
     _check_choice(aggregate, AGGREGATES, "distill.picd_aggregate")
-    t = float(temperature)
     z = neighbour_logits.detach().float()
-    a = neighbour_weights(positive, neighbour_sims, tau_r, weighting, "distill.picd_weighting")
-    if aggregate == "logits":
-        zbar = torch.einsum("bk,bkc->bc", a, z)
-        target = torch.softmax(zbar / t, dim=1)
+    if masked_rows_may_be_nan and weighting == "similarity":
+        # Rows without a positive become NaN here (softmax of all -inf) and are replaced by the
+        # fallback below; the other rows are bit-identical to neighbour_weights' (4 ops, not 8).
+        _check_positive(tau_r, "distill.tau_r", "0.1")
+        a = torch.softmax((neighbour_sims.detach().float() / tau_r).masked_fill(~positive.detach().bool(), float("-inf")), dim=1)
     else:
-        target = torch.einsum("bk,bkc->bc", a, torch.softmax(z / t, dim=2))
-    fallback = torch.softmax(fallback_logits.detach().float() / t, dim=1)
+        a = neighbour_weights(positive, neighbour_sims, tau_r, weighting, "distill.picd_weighting")
+    zbar = torch.einsum("bk,bkc->bc", a, z) if aggregate == "logits" else None
+    fallback_z = fallback_logits.detach().float()
     has_pos = positive.detach().bool().any(dim=1, keepdim=True)
-    return torch.where(has_pos, target, fallback).detach()
+    targets = []
+    for temperature in temperatures:
+        t = float(temperature)
+        if zbar is not None:
+            target = torch.softmax(zbar / t, dim=1)
+        else:
+            target = torch.einsum("bk,bkc->bc", a, torch.softmax(z / t, dim=2))
+        fallback = torch.softmax(fallback_z / t, dim=1)
+        targets.append(torch.where(has_pos, target, fallback).detach())
+    return targets
 
 
-def picd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(pbar || p_T(z_s))``, mean over the batch (``pbar`` from aggregate_positive_targets)."""
+def picd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float, *,
+              student_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * KL(pbar || p_T(z_s))``, mean over the batch (``pbar`` from aggregate_positive_targets).
+    ``student_log_probs``: ``log_softmax(z_s / T)`` already computed (shared with KD; identical values)."""
     check_temperature(temperature)
     t = float(temperature)
     p = target_probs.detach().float()
-    log_ps = F.log_softmax(student_logits.float() / t, dim=1)
+    log_ps = F.log_softmax(student_logits.float() / t, dim=1) if student_log_probs is None else student_log_probs
     # xlogy gives 0 * log 0 = 0 for classes the target assigns no mass.
     kl = (torch.special.xlogy(p, p) - p * log_ps).sum(dim=1)
     return kl.mean() * (t * t)
@@ -131,6 +166,8 @@ def nicd_loss(
     neighbour_sims: torch.Tensor | None = None,
     tau_r: float = 0.1,
     weighting: str = "similarity",
+    *,
+    student_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative in-context distillation (bounded), mean over the whole batch.
 
@@ -140,12 +177,14 @@ def nicd_loss(
     ``penalty``: ``sum_{j in N_i} b_ij <p_s, p_j>`` with ``b`` from :func:`neighbour_weights` over the
     negatives; in ``[0, 1]``. Samples without negatives contribute 0 in both forms (and still count
     in the batch mean, so the loss scale does not jump when few rows have negatives).
+    ``student_log_probs``: ``log_softmax(z_s / T)`` already computed (shared with KD and PICD); the
+    student's probabilities are then its ``exp`` (equal to the softmax within float rounding).
     """
     check_temperature(temperature)
     _check_choice(form, NICD_FORMS, "distill.nicd_form")
     t = float(temperature)
     neg = negative.detach().bool()
-    p_s = torch.softmax(student_logits.float() / t, dim=1)
+    p_s = torch.softmax(student_logits.float() / t, dim=1) if student_log_probs is None else student_log_probs.exp()
     p_j = torch.softmax(neighbour_logits.detach().float() / t, dim=2)
     if form == "penalty":
         b = neighbour_weights(neg, neighbour_sims, tau_r, weighting, "distill.nicd_weighting")

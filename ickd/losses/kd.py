@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ickd.errors import ConfigError
 
-__all__ = ["kd_loss", "dkd_loss", "check_temperature"]
+__all__ = ["kd_loss", "dkd_loss", "check_temperature", "student_log_probs"]
 
 
 def check_temperature(temperature: float, key: str = "distill.temperature") -> None:
@@ -26,11 +26,19 @@ def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor
     return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(p_T(z_t) || p_T(z_s))``, mean over the batch."""
+def student_log_probs(student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(z_s / T)`` in fp32: computed once per step and shared by KD, PICD and NICD
+    (the ``student_log_probs`` argument of :func:`kd_loss` and ``picd_loss``)."""
+    return F.log_softmax(student_logits.float() / float(temperature), dim=1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
+            student_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * KL(p_T(z_t) || p_T(z_s))``, mean over the batch. ``student_log_probs``: the same
+    ``log_softmax(z_s / T)`` already computed (shared with other terms; identical values)."""
     check_temperature(temperature)
     t = float(temperature)
-    log_ps = F.log_softmax(student_logits.float() / t, dim=1)
+    log_ps = F.log_softmax(student_logits.float() / t, dim=1) if student_log_probs is None else student_log_probs
     log_pt = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
     return _kl_from_log_probs(log_pt, log_ps).mean() * (t * t)
 

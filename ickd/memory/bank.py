@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ickd import fastpath
 from ickd.errors import CheckpointError, ConfigError
 from ickd.memory.retrieval import (
     Retriever,
@@ -98,11 +99,17 @@ class Neighbours:
     sample_indices: torch.Tensor  # (B, K) int64
     positive: torch.Tensor  # (B, K) bool: valid and same label as the query
     valid: torch.Tensor  # (B, K) bool
+    all_valid: bool = False  # known on the host: every column is valid (no need to count them)
 
     @property
     def negative(self) -> torch.Tensor:
         """(B, K) bool: valid and a different label from the query."""
         return self.valid & ~self.positive
+
+    @property
+    def not_negative(self) -> torch.Tensor:
+        """(B, K) bool: ``~negative`` (same label, or not valid), in two ops instead of three."""
+        return self.positive | ~self.valid
 
 
 def _as_int(value: Any, key: str, fix: str) -> int:
@@ -297,6 +304,11 @@ class MemoryBank:
         # online write can initialise mu without the host looking at it.
         self.mu = torch.zeros(d, dtype=torch.float32, device=self.device)
         self.mu_set = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._mu_known_set = False  # a host mirror of mu_set once it is known True (no sync to read)
+        self._all_true: dict[tuple[int, int], torch.Tensor] = {}  # (B, k) -> all-valid mask, reused
+        # (query tensor, its version, its L2-normalised rows) of the last retrieval: the step then
+        # writes the same tensor, whose normalisation is not computed twice (``lean_bank``).
+        self._unit_memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.whiten: torch.Tensor | None = None  # (D, D) float32: T(v) = (v - mu) @ whiten
         self._in_fill_pass = False
 
@@ -388,7 +400,11 @@ class MemoryBank:
             return v
         c = v - self.mu
         if self.whiten is not None:
-            c = c @ self.whiten
+            # In fp32 whatever the caller's autocast: the fill pass and the bank writes run inside
+            # the step's bf16 autocast, and a bf16 whitening of entries would not match the fp32
+            # whitening of the queries (retrieval runs with autocast off).
+            with torch.autocast(c.device.type, enabled=False):
+                c = c @ self.whiten
         return F.normalize(c, dim=1)
 
     def _track_mean(self, f: torch.Tensor) -> None:
@@ -397,8 +413,13 @@ class MemoryBank:
             return
         batch_mean = f.mean(dim=0)
         c = self.center_momentum
+        if self._mu_known_set and fastpath.enabled("lean_bank"):
+            # The same two products and sum, in place (4 ops, not 7); bit-identical.
+            self.mu.mul_(c).add_(batch_mean * (1.0 - c))
+            return
         self.mu.copy_(torch.where(self.mu_set, c * self.mu + (1.0 - c) * batch_mean, batch_mean))
         self.mu_set.fill_(True)
+        self._mu_known_set = True
 
     def _no_whitening_error(self) -> ConfigError:
         return ConfigError(
@@ -429,6 +450,7 @@ class MemoryBank:
                 self.slot_of.fill_(-1)
             self.mu.zero_()
             self.mu_set.fill_(False)
+        self._mu_known_set = False
         self.whiten = None
         self.fifo_ptr = 0
         self.fifo_count = 0
@@ -480,6 +502,7 @@ class MemoryBank:
             self.whiten = (evecs * (evals + eps).rsqrt()).float()
         self.mu.copy_(mu.float())
         self.mu_set.fill_(True)
+        self._mu_known_set = True
         for ch in chunks:
             self.feats.index_copy_(0, ch, self._transform(self.feats[ch].float()).to(self.feature_dtype))
         self.retriever.on_reset()
@@ -532,14 +555,18 @@ class MemoryBank:
             return
         dev = self.device
         idx = indices.detach().to(dev, torch.long)
-        if check_range:
+        if check_range and not fastpath.capturing(dev):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.num_samples:
                 raise ConfigError(
                     f"sample indices must lie in [0, {self.num_samples}) but got [{lo}, {hi}]; the dataset "
                     "must return each sample's index in the training set (and num_samples must be N)"
                 )
-        f = F.normalize(feats.detach().to(dev, torch.float32), dim=1)
+        memo, self._unit_memo = self._unit_memo, None
+        if memo is not None and memo[0] is feats and memo[1] == feats._version:
+            f = memo[2]  # the rows the step's retrieval normalised: same values
+        else:
+            f = F.normalize(feats.detach().to(dev, torch.float32), dim=1)
         z = logits.detach().to(dev, torch.float32)
         y = labels.detach().to(dev, torch.long)
 
@@ -586,8 +613,11 @@ class MemoryBank:
 
         self.feats.index_copy_(0, slots, f.to(self.feature_dtype))
         self.logits.index_copy_(0, slots, z)
-        self.labels.index_copy_(0, slots, y)
-        self.sample_idx.index_copy_(0, slots, idx)
+        if not (self._lean_full() and not self._in_fill_pass):
+            # A full index-addressed bank (M = N) holds sample i's label and index at slot i for
+            # good: re-writing them changes nothing.
+            self.labels.index_copy_(0, slots, y)
+            self.sample_idx.index_copy_(0, slots, idx)
         if not self._all_valid and self.mode != "fifo":
             # Validity never goes back to False here, so this sync stops once the bank is full.
             self._all_valid = bool((self.sample_idx >= 0).all())
@@ -626,6 +656,35 @@ class MemoryBank:
                 f"memory.k_pos + memory.k_neg = {k_pos + k_neg} must be smaller than the memory size M={m}; "
                 "lower memory.k_pos/memory.k_neg or raise memory.size"
             )
+
+    def _lean_full(self) -> bool:
+        """``ickd.fastpath`` switch ``lean_bank`` applies: M = N, every slot filled, exact torch search."""
+        return (self._all_valid and self.mode == "direct" and fastpath.enabled("lean_bank")
+                and isinstance(self.retriever, TorchExactRetriever))
+
+    def _retrieve_full(self, q: torch.Tensor, k: int, ql: torch.Tensor, ex: torch.Tensor | None) -> Neighbours:
+        """k-NN in a full index-addressed bank (``_lean_full``): no slot is empty, each sample
+        holds exactly slot ``i``, and k < M, so after excluding the query's own slot every top-k
+        entry is valid and no result needs masking: the search, the self-exclusion as one scatter,
+        top-k, and two gathers. Same neighbours, similarities and order as the general path."""
+        with torch.autocast(q.device.type, enabled=False):
+            if self.feats.dtype in (torch.float16, torch.bfloat16) and self.feats.device.type == "cuda":
+                # Top-k straight on the half-precision similarities, no (B, M) fp32 copy: the values
+                # are exactly those of the copy the general path sorts (fp16 -> fp32 is exact); ties
+                # among equal values come out in torch.topk's order, the same in every run.
+                sims = q.to(self.feats.dtype) @ self.feats.T
+            else:
+                sims = q @ self.feats.T.float()
+            if ex is not None:
+                sims.scatter_(1, ex.unsqueeze(1), float("-inf"))
+            top, slots = sims.topk(k, dim=1, largest=True, sorted=True)
+        labels = self.labels[slots]
+        key = tuple(slots.shape)
+        valid = self._all_true.get(key)
+        if valid is None or valid.device != slots.device:
+            valid = self._all_true[key] = torch.ones(key, dtype=torch.bool, device=slots.device)
+        return Neighbours(sims=top.float(), logits=self.logits[slots], labels=labels, sample_indices=slots,
+                          positive=labels == ql.unsqueeze(1), valid=valid, all_valid=True)
 
     def _valid_mask(self) -> torch.Tensor | None:
         if self._all_valid:
@@ -673,9 +732,15 @@ class MemoryBank:
             )
         dev = self.device
         token = self._timer.start(dev)
-        q = self._transform(F.normalize(query_feats.detach().to(dev, torch.float32), dim=1))
+        unit = F.normalize(query_feats.detach().to(dev, torch.float32), dim=1)
+        self._unit_memo = (query_feats, query_feats._version, unit) if fastpath.enabled("lean_bank") else None
+        q = self._transform(unit)
         ql = query_labels.detach().to(dev, torch.long)
         ex = None if exclude_indices is None else exclude_indices.detach().to(dev, torch.long)
+        if split == "topk" and retrieval == "knn" and self._lean_full():
+            nb = self._retrieve_full(q, k, ql, ex)
+            self._timer.stop(dev, token)
+            return nb
         ex_slots = None
         if ex is not None and self.mode == "direct":
             ex_slots = ex
@@ -841,6 +906,7 @@ class MemoryBank:
             else:
                 self.mu.copy_(sd["mu"].to(self.device, torch.float32))
                 self.mu_set.copy_(sd["mu_set"].to(self.device, torch.bool))
+        self._mu_known_set = bool(self.mu_set)  # one read at load time
         whiten = None if version == 1 else sd.get("whiten")
         self.whiten = None if whiten is None else whiten.to(self.device, torch.float32)
         self._in_fill_pass = bool(sd.get("in_fill_pass", False))

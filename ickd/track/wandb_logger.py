@@ -270,6 +270,9 @@ class WandbLogger(Callback):
         data = numeric(metrics)
         data["epoch"] = epoch
         self.run.log(data, step=epoch)
+        for key in ("step_mode", "step_fallback"):  # strings (history logs numbers): the run summary
+            if isinstance(metrics.get(key), str):
+                self.run.summary[key] = metrics[key]
         self.last_epoch = epoch
         atomic_write_text(self.out_dir / LAST_EPOCH_FILE, f"{epoch}\n")
 
