@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput as tp  # noqa: E402  (puts the checkout first on sys.path)
 
 from ickd.engine import trainer as trainer_mod  # noqa: E402
+from ickd.engine import step as step_mod  # noqa: E402
 from ickd.engine.step import CudaGraphStep  # noqa: E402
 
 GRAD_REL_TOL = 1e-3
@@ -82,13 +83,13 @@ def graph_step_on(device: torch.device) -> Iterator[None]:
     if device.type == "cuda":
         yield
         return
-    saved = trainer_mod.CudaGraphStep, trainer_mod.Trainer._resolve_step_mode
-    trainer_mod.CudaGraphStep = CpuReplayGraphStep
-    trainer_mod.Trainer._resolve_step_mode = lambda self: "graph" if self.cfg.step != "eager" else "eager"
+    saved = step_mod.CudaGraphStep, trainer_mod.Trainer.resolve_step_mode
+    step_mod.CudaGraphStep = CpuReplayGraphStep
+    trainer_mod.Trainer.resolve_step_mode = lambda self: "graph" if self.cfg.step != "eager" else "eager"
     try:
         yield
     finally:
-        trainer_mod.CudaGraphStep, trainer_mod.Trainer._resolve_step_mode = saved
+        step_mod.CudaGraphStep, trainer_mod.Trainer.resolve_step_mode = saved
 
 
 @contextlib.contextmanager
@@ -175,7 +176,7 @@ def check_correctness(runs: Runs, batch: int) -> list[dict[str, Any]]:
     with graph_step_on(device):
         # 1. The fast path itself (bf16 + channels_last on CUDA): syncs, pointers, recaptures.
         fast = runs.trainer("ickd", batch, [])
-        graph = fast._graph
+        graph = fast.step.graph
         assert graph is not None, "the fast path did not build a graph step"
         fast.fill_banks()
         batches = epoch_batches(fast, 0)
@@ -185,7 +186,7 @@ def check_correctness(runs: Runs, batch: int) -> list[dict[str, Any]]:
         fast.meters.reset()
         n_warm = graph.warmup_steps + 1  # warm-up steps, then capture + first (verified) replay
         for x, y, idx in full[:n_warm]:
-            fast._run_step(x, y, idx, 0)
+            fast.step(x, y, idx, 0)
         captured = graph.captures == 1 and graph.replays == 1 and graph.fallback is None
         rows.append(result("capture", captured, graph.stats(), "1 capture, 1 replay, no fallback",
                            f"mode {graph.mode}{stand_in}" + (f": {graph.fallback}" if graph.fallback else "")))
@@ -194,7 +195,7 @@ def check_correctness(runs: Runs, batch: int) -> list[dict[str, Any]]:
         try:
             with sync_errors(device):
                 for x, y, idx in full[n_warm:] + short:
-                    fast._run_step(x, y, idx, 0)
+                    fast.step(x, y, idx, 0)
         except RuntimeError as exc:
             error = str(exc).strip().splitlines()[0]
         replays = graph.replays
@@ -203,7 +204,7 @@ def check_correctness(runs: Runs, batch: int) -> list[dict[str, Any]]:
             error or f"{replays - 1} replays + {len(short)} short eager, no sync", "set_sync_debug_mode('error') raises nothing",
             "CPU: no device syncs exist, only the region is exercised" if cpu else ""))
         ptr_short = pointers(fast)
-        fast._check_finite(0)
+        fast.check_finite(0)
         fast.train_epoch(1)  # the next epoch: same signature (IC-KD default: no ramp), no recapture
         ptr_next = pointers(fast)
         stable = ptr0 == ptr_short == ptr_next and 0 not in ptr0 and graph.captures == 1
@@ -214,7 +215,7 @@ def check_correctness(runs: Runs, batch: int) -> list[dict[str, Any]]:
         for _ in range(RECAPTURES):
             graph.release()  # forces a recapture (as a new signature would)
             for x, y, idx in full[:n_warm]:
-                fast._run_step(x, y, idx, 1)
+                fast.step(x, y, idx, 1)
         after = allocated_mb(device)
         growth = None if before is None or after is None else round(after - before, 2)
         ok = graph.captures == 1 + RECAPTURES and (growth is None or growth < RECAPTURE_GROWTH_MB)
@@ -231,17 +232,17 @@ def check_correctness(runs: Runs, batch: int) -> list[dict[str, Any]]:
             fp32 = ["trainer.amp=off", "trainer.channels_last=off"]
             a = runs.trainer("ickd", batch, fp32)
             b = runs.trainer("ickd", batch, [*fp32, "trainer.step=eager"])
-            assert a._graph is not None and b._graph is None
+            assert a.step.graph is not None and b.step.graph is None
             worst, compared = 0.0, 0
             for t in (a, b):
                 t.fill_banks()
                 t.meters.reset()
             for (xa, ya, ia), (xb, yb, ib) in zip(epoch_batches(a, 0), epoch_batches(b, 0)):
-                a._run_step(xa, ya, ia, 0)
-                b._run_step(xb, yb, ib, 0)
-                if a._graph.replays:
+                a.step(xa, ya, ia, 0)
+                b.step(xb, yb, ib, 0)
+                if a.step.graph.replays:
                     worst, compared = max(worst, rel_diff(grads(a), grads(b))), compared + 1
-            ok = compared > 0 and worst < GRAD_REL_TOL and a._graph.fallback is None
+            ok = compared > 0 and worst < GRAD_REL_TOL and a.step.graph.fallback is None
             rows.append(result("graph vs eager gradients, fp32, TF32 off (max rel)", ok, f"{worst:.2e} over {compared} steps",
                                f"< {GRAD_REL_TOL:g}", stand_in.strip(" ()")))
         finally:

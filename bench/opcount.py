@@ -3,7 +3,7 @@
 At batch 64 a CIFAR step on a GPU is bound by kernel launches, so the number of ops one step
 dispatches is the CPU-measurable proxy for its GPU time. This counts, with a
 ``TorchDispatchMode``, every ATen op of the step body a CUDA graph captures
-(``Trainer._step_body``: forward of teacher and student, retrieval, losses, backward, bank write,
+(``TrainStep.body``: forward of teacher and student, retrieval, losses, backward, bank write,
 epoch meters) under bf16 autocast with the autocast cache off (as under a graph) and channels_last
 inputs and weights, plus, separately, the optimiser step that runs after each replay. The counted
 step runs as in a capture (``fastpath.simulated_capture``: no per-step host checks) with the
@@ -83,7 +83,7 @@ def build(method: str, args, folder: Path, data, base_overrides: list[str]) -> T
     trainer = Trainer(distiller, data, trainer_cfg, config["optim"], folder / method, seed=args.seed, run_config=config,
                       device=torch.device("cpu"))
     # What a CUDA graph runs: bf16 autocast with the weight-cast cache off (cached casts would be stale).
-    trainer._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    trainer.step.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     trainer.fill_banks()
     return trainer
 
@@ -95,17 +95,18 @@ def count(trainer: Trainer, batch: int, epoch: int, seed: int) -> dict[str, Any]
     idx = torch.randperm(trainer.data.num_train, generator=gen)[:batch]
     trainer.meters.reset()
     fastpath.prepare_epoch(trainer.distiller, epoch)
-    trainer._zero_grad(True)
-    trainer._step_body(x, y, idx, epoch)  # warm-up: lazy meters, optimiser state
-    trainer._finish_step()
+    step = trainer.step
+    step.zero_grad(True)
+    step.body(x, y, idx, epoch)  # warm-up: lazy meters, optimiser state
+    step.finish()
     # As at capture: gradients start as None, so the backward writes them (AccumulateGrad keeps the
     # incoming tensor) instead of adding into existing ones (one add_ per parameter).
-    trainer._zero_grad(True)
+    step.zero_grad(True)
     # As in a capture: per-step host checks (range checks of the bank's indices on CPU) are off.
     with fastpath.simulated_capture(), OpCounter() as body:
-        trainer._step_body(x, y, idx, epoch)
+        step.body(x, y, idx, epoch)
     with OpCounter() as opt:
-        trainer._finish_step()
+        step.finish()
     return {"body": body, "optimizer": opt}
 
 

@@ -165,7 +165,7 @@ def step_info(trainer: Trainer) -> dict[str, Any]:
         bank = next(iter(banks.values()))
         info["bank_backend"] = getattr(bank, "retriever_name", None)
         info["bank_dtype"] = str(getattr(bank, "feats", torch.empty(0)).dtype).removeprefix("torch.")
-    graph = getattr(trainer, "_graph", None)
+    graph = trainer.step.graph
     if graph is not None and hasattr(graph, "stats"):
         info.update(graph.stats())
     return info

@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> None:
 
         launch_cli(command, rest)
     elif command == "compare":
-        from ickd.sweep.compare import main as compare_main
+        from ickd.report.compare import main as compare_main
 
         compare_main(rest)
     elif command == "report":
-        from ickd.track.report_cli import main as report_main
+        from ickd.report.cli import main as report_main
 
         report_main(rest)
     elif command == "wandb":

@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ickd.errors import ConfigError
+from ickd.data.base import DATASETS
+from ickd.models import list_models
 from ickd.redaction import scrub_overrides
 
 
@@ -98,7 +100,10 @@ class DKDSchema(DistillSchema):
 
 
 @dataclass
-class ICKDSchema(KDSchema):
+class InContextSchema:
+    """IC-KD's PICD + NICD alone (a term of a composite method: dkd+ickd, crd+ickd, kd+picd)."""
+    name: str = req()
+    temperature: float = req()
     picd_weight: float = req()
     nicd_weight: float = req()
     warmup_epochs: int = req()
@@ -111,8 +116,53 @@ class ICKDSchema(KDSchema):
     nicd_weighting: str = choice("similarity", "uniform")
 
 
+@dataclass
+class ICKDSchema(InContextSchema):
+    """IC-KD: CE + KD + the in-context terms."""
+    ce_weight: float = req()
+    kd_weight: float = req()
+
+
+@dataclass
+class FeatureMethodSchema(CESchema):
+    """A feature-based baseline: CE plus one weighted feature loss (``feat_weight``)."""
+    feat_weight: float = req()
+
+
+@dataclass
+class FitNetSchema(FeatureMethodSchema):
+    hint_layer: int = req()                 # index into the feature dict's stages (0 = stem)
+
+
+@dataclass
+class ATSchema(FeatureMethodSchema):
+    p: float = req()
+
+
+@dataclass
+class CRDSchema(FeatureMethodSchema):
+    feat_dim: int = req()
+    nce_k: int = req()
+    nce_t: float = req()
+    nce_momentum: float = req()
+
+
+@dataclass
+class ReviewKDSchema(FeatureMethodSchema):
+    warmup_epochs: int = req()
+
+
+@dataclass
+class CompositeSchema:
+    """A sum of methods: ``terms`` maps a term name to that method's own config section."""
+    name: str = req()
+    terms: Dict[str, Any] = req()
+
+
 DISTILL_SCHEMAS: dict[str, type] = {
     "ce": CESchema, "kd": KDSchema, "kd_matched": KDMatchedSchema, "dkd": DKDSchema, "ickd": ICKDSchema,
+    "incontext": InContextSchema, "fitnet": FitNetSchema, "at": ATSchema, "crd": CRDSchema,
+    "reviewkd": ReviewKDSchema, "composite": CompositeSchema,
 }
 
 
@@ -286,6 +336,8 @@ def _schema_for(section: str, node: Any) -> type | None:
         return None
     if "default" in options:
         return options["default"]
+    if section == "distill" and isinstance(node, DictConfig) and "terms" in node:
+        return CompositeSchema  # dkd+ickd, crd+ickd, kd+picd...: named after their terms
     name = node.get("name") if isinstance(node, DictConfig) else None
     return options.get(str(name)) if name is not None else None
 
@@ -355,6 +407,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         node = cfg.get(section) if section in cfg else None
         if not isinstance(node, DictConfig):
             continue
+        if section == "distill":
+            _validate_distill(node, "distill")
+            continue
         schema = _schema_for(section, node)
         if section in GROUP_SCHEMAS and "default" not in GROUP_SCHEMAS[section]:
             name = _value(node, "name")
@@ -375,10 +430,29 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _check_registries(cfg: DictConfig) -> None:
-    from ickd.data.base import DATASETS
-    from ickd.models import list_models
+def _validate_distill(node: DictConfig, key: str) -> None:
+    """A distill section: a user's method (``_target_``: its own keys, unchecked here), a composite
+    (each term checked as a distill section of its own) or a registered method (its schema)."""
+    if "_target_" in node:
+        return
+    if "terms" in node and isinstance(node.get("terms"), DictConfig):
+        for term, sub in node.terms.items():
+            if isinstance(sub, DictConfig):
+                _validate_distill(sub, f"{key}.terms.{term}")
+        return
+    name = _value(node, "name")
+    schema = DISTILL_SCHEMAS.get(str(name)) if name is not _UNRESOLVED else None
+    if name is not _UNRESOLVED and schema is None:
+        raise ConfigError(f"config error: {key}.name={name!r} is not valid; use one of: {', '.join(sorted(DISTILL_SCHEMAS))} "
+                          "(select it with distill=NAME), or give a Method class with distill._target_=package.module.Class")
+    if schema is None:
+        return
+    for f in fields(schema):
+        if f.name in node:
+            _check_choice(f"{key}.{f.name}", _value(node, f.name), f.metadata)
 
+
+def _check_registries(cfg: DictConfig) -> None:
     _check_name("dataset.name", _value(cfg.dataset, "name"), DATASETS.names(), "dataset")
     models = list_models()
     for section in ("teacher", "student", "model"):

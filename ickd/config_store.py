@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from ickd.errors import ConfigError
 from ickd.models import list_models
 from ickd.config_schema import ModelSchema, TeacherSchema, register_schemas
 
@@ -59,7 +60,6 @@ def compose_checked(overrides: list[str]) -> DictConfig:
     unknown key, unknown group option, bad choice or bad override is a ConfigError that names the key
     and the fix, raised before any data, teacher or queue is touched."""
     from ickd.config_schema import config_error, validate_config
-    from ickd.errors import ConfigError
 
     try:
         cfg = compose_run_config(overrides)
@@ -116,8 +116,6 @@ def precheck_train_args(args: list[str]) -> None:
     ``-m``/``--multirun``, every sweep point (up to MAX_PRECHECKED_POINTS). ``--help`` and friends are
     left to Hydra; ``hydra.*`` overrides are Hydra's own and are not part of the run config."""
     from hydra._internal.utils import get_args_parser
-
-    from ickd.errors import ConfigError
 
     parser = get_args_parser()
     try:

@@ -18,9 +18,17 @@ from datetime import datetime
 from pathlib import Path
 
 from ickd.config_store import compose_run_config
-from ickd.engine import train
-from ickd.engine.checkpoint import atomic_write_json, atomic_write_text
+from ickd.report import compare as cmp
+from ickd.report.compare import format_table
+from ickd.report.study import write_local_report
 from ickd.resources import shipped_path
+from ickd.runs.atomic import atomic_write_json, atomic_write_text
+from ickd.runs.rundir import RunDir
+from ickd.sweep.cli import print_status, run_workers
+from ickd.sweep.reader import StudyReader
+from ickd.sweep.spec import load_spec
+from ickd.sweep.studies import SPEC_FILE, StudyHandle
+from ickd.track.execute import run_training
 
 STUDY_FILE = shipped_path("sweeps") / "fmnist_ickd_quick.yaml"  # the checkout's or the wheel's copy
 
@@ -28,7 +36,7 @@ STUDY_FILE = shipped_path("sweeps") / "fmnist_ickd_quick.yaml"  # the checkout's
 def _train(label: str, overrides: list[str], run_dir: Path) -> dict:
     cfg = compose_run_config(overrides)
     print(f"\n[{label}] ickd train " + " ".join(shlex.quote(o) for o in overrides) + f" hydra.run.dir={run_dir}", flush=True)
-    summary = train(cfg, run_dir)
+    summary = run_training(cfg, run_dir)  # compose (above) -> loggers -> train, as `ickd train` does
     nan = float("nan")
     at, last = summary.get("test_top1_at_best"), summary.get("last_test_top1")
     print(f"[{label}] best {summary.get('selection_split', 'val')} top-1 {summary['best_top1']:.2f} (test top-1 there "
@@ -39,13 +47,9 @@ def _train(label: str, overrides: list[str], run_dir: Path) -> dict:
 
 def _study(out: Path, teacher: Path, overrides: list[str], trials: int, workers: int) -> tuple[dict | None, dict]:
     """A small IC-KD study; returns the best trial's params (None if no trial completed) and info."""
-    from ickd.sweep.cli import best_trial, print_status, run_workers, trial_counts
-    from ickd.sweep.spec import load_spec
-    from ickd.sweep.studies import StudyHandle
-
     spec = load_spec(STUDY_FILE, name="demo", n_trials=trials)
     spec.base = [*spec.base, f"teacher.checkpoint={teacher}", *overrides]
-    existing = out / "studies" / spec.name / "study.yaml"
+    existing = out / "studies" / spec.name / SPEC_FILE
     if existing.is_file():  # a re-run continues the study (workers stop at its budget)
         handle = StudyHandle.load(existing.parent)
         print(f"\n[study] continuing {handle.dir}", flush=True)
@@ -57,10 +61,9 @@ def _study(out: Path, teacher: Path, overrides: list[str], trials: int, workers:
     codes = run_workers(handle, workers)
     wall = time.perf_counter() - start
     print_status(handle)
-    study = handle.study()
-    states = {name: n for name, n in trial_counts(study).items() if n}
-    info = {"wall_time_s": wall, "states": states, "worker_exit_codes": codes, "folder": str(handle.dir)}
-    best = best_trial(study)
+    reader = StudyReader(handle)
+    info = {"wall_time_s": wall, "states": reader.counts(), "worker_exit_codes": codes, "folder": str(handle.dir)}
+    best = reader.best()
     if best is None:
         return None, info
     info.update(best_trial=best.number, best_value=best.value, best_params=best.params)
@@ -80,7 +83,7 @@ def _plot_curves(summary: dict, path: Path) -> bool:
     for row in summary["rows"]:
         curves = []
         for run in row["runs"]:
-            metrics = Path(run["out_dir"]) / "metrics.jsonl"
+            metrics = RunDir(run["out_dir"]).metrics
             if metrics.is_file():
                 lines = [json.loads(x) for x in metrics.read_text().splitlines()]
                 curves.append([m.get("test/top1", m.get("val/top1")) for m in lines])
@@ -122,13 +125,12 @@ def run_story(
     Returns {"teacher", "study", "compare", "total_wall_time_s", ...}; writes the teacher run,
     ``studies/demo/`` and its ``compare/`` folder under ``out``.
     """
-    from ickd.sweep import compare as cmp
-
     start = time.perf_counter()
     base = [f"experiment={experiment}", *overrides]
     teacher_dir = out / "teacher"
-    if (teacher_dir / "result.json").is_file() and json.loads((teacher_dir / "result.json").read_text()).get("status") == "completed":
-        teacher = json.loads((teacher_dir / "result.json").read_text())
+    teacher_result = RunDir(teacher_dir).result
+    if teacher_result.is_file() and json.loads(teacher_result.read_text()).get("status") == "completed":
+        teacher = json.loads(teacher_result.read_text())
         print(f"[teacher] already trained: {teacher_dir}", flush=True)
     else:
         teacher = _train("teacher", [*base, "stage=teacher"], teacher_dir)
@@ -183,8 +185,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     story = run_story(out, args.experiment, args.overrides, study_trials=args.study_trials, study_workers=args.study_workers, seeds=args.seeds,
                       workers=args.workers, baselines=args.baselines)
-    from ickd.sweep.compare import format_table
-
     table = format_table(story["compare"])
     student = compose_run_config(base).student
     print(f"\nFashion-MNIST, student {student.name} {dict(student.kwargs) or ''}, total {story['total_wall_time_s']:.0f} s:\n")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nlearning curves: {out / 'curves.png'}")
     _report(out, info["folder"])
     if story["failed_runs"]:
-        print(f"\n{len(story['failed_runs'])} run(s) failed: " + ", ".join(story["failed_runs"]) + " (see their train.log)")
+        print(f"\n{len(story['failed_runs'])} run(s) failed: " + ", ".join(story["failed_runs"]) + f" (see their {RunDir.TRAIN_LOG})")
         raise SystemExit(1)
     return story
 
@@ -208,8 +208,6 @@ BASELINE_ROWS = ("ce", "kd", "kd_matched", "dkd")
 def _report(out: Path, study_dir: str) -> None:
     """The study's HTML report: the comparison over seeds (compare.json in the study folder), and the
     compared baseline runs (``<study>/compare/<row>/seed-*``) next to the best trial."""
-    from ickd.track.report import write_local_report
-
     compared = Path(study_dir) / "compare"
     baselines = [compared / row for row in BASELINE_ROWS if (compared / row).is_dir()]
     try:

@@ -4,7 +4,6 @@ because the id is a pure function of where the run belongs (launch or study) and
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -25,15 +24,6 @@ def run_id(group: str, member: str) -> str:
     tail = member[len(group) + 1:] if member.startswith(f"{group}-") and len(member) > len(group) + 1 else member
     tail = _UNSAFE.sub("-", tail).strip("-")[-20:].strip("-") or "run"
     return f"{slug(group, 30)}-{tail}-{digest}"
-
-
-def slurm_job_id() -> str | None:
-    """This process's SLURM job as `ickd jobs` and squeue name it: ``<array job>_<task>`` for an
-    array task, else the job id; None outside SLURM."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
-    return env.get("SLURM_JOB_ID")
 
 
 def launch_run_name(launch: str, index: int) -> str:

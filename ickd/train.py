@@ -1,27 +1,26 @@
 """`ickd train` / `python -m ickd.train`: the Hydra application that trains one run."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
+import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ickd.config_store import config_dir, register_model_groups
 from ickd.config_schema import validate_config
+from ickd.config_store import config_dir, precheck_train_args, register_model_groups
+from ickd.engine.interrupt import CtrlCStop
 from ickd.errors import IckdError, NonFiniteLossError
+from ickd.runs import slurm
+from ickd.runs.exits import EXIT_CONFIG_ERROR, EXIT_CTRL_C, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE
+from ickd.runs.rundir import RunDir
+from ickd.runs.signals import PreemptionGuard
+from ickd.track.execute import run_training
 
 log = logging.getLogger("ickd")
-
-# Distinct exit codes so schedulers and sweeps can tell failures apart.
-EXIT_CONFIG_ERROR = 2
-EXIT_NONFINITE = 3
-EXIT_INTERRUPTED = 75  # stopped for a signal with a checkpoint saved; rerun to continue
-EXIT_CTRL_C = 130  # Ctrl-C: stopped with a mid-epoch checkpoint (or aborted by a second Ctrl-C); rerun to continue
-EXIT_ERROR = 1  # an unexpected error (a bug): with a traceback
 
 # `-m` multirun: Hydra's basic launcher runs every point in this process, one after the other. A
 # point that fails is recorded here and the sweep goes on; main() exits non-zero after all of them.
@@ -45,12 +44,11 @@ def _fail(out_dir: str, code: int, exc: BaseException, started: float) -> None:
     hc = HydraConfig.get()
     _FAILURES.append({"num": hc.job.num, "overrides": list(hc.overrides.task), "out_dir": out_dir, "code": code,
                       "error": f"{type(exc).__name__}: {exc}"})
-    result = os.path.join(out_dir, "result.json")
+    run_dir = RunDir(out_dir)
+    result = run_dir.result
     try:  # the trainer writes result.json itself once it started; before that (config errors) we do
         if not os.path.exists(result) or os.path.getmtime(result) < started:
-            from ickd.engine.checkpoint import atomic_write_json
-
-            atomic_write_json(result, {"status": "failed", "exit_code": code, "error": _FAILURES[-1]["error"], "out_dir": out_dir})
+            run_dir.write_result({"status": "failed", "exit_code": code, "error": _FAILURES[-1]["error"], "out_dir": out_dir})
     except OSError as write_exc:
         log.error("could not write %s: %s", result, write_exc)
     log.error("multirun job #%d failed (exit %d); the other jobs go on", hc.job.num, code)
@@ -58,22 +56,14 @@ def _fail(out_dir: str, code: int, exc: BaseException, started: float) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def task(cfg: DictConfig) -> float | None:
-    import time
-
-    from ickd.engine import train
-    from ickd.engine.interrupt import CtrlCStop
-
     started = time.time()
 
     out_dir = HydraConfig.get().runtime.output_dir
     guard = None
-    if os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_EXECUTOR"):
+    if slurm.under_scheduler():
         # Under SLURM (incl. Hydra's submitit launcher): a preemption/time-limit signal stops the run
         # after its current batch with a checkpoint; then submitit's handler, if any, requeues it.
-        from ickd.launch.preemption import PreemptionGuard
-
         guard = PreemptionGuard().install()
-    from ickd.track import loggers_for, resolve_resume
 
     ctrl_c = CtrlCStop()  # the first Ctrl-C stops after the current batch with a checkpoint
     # One process only: with several ranks every interrupt poll is a collective per batch (the
@@ -81,10 +71,9 @@ def task(cfg: DictConfig) -> float | None:
     single = int(os.environ.get("WORLD_SIZE", "1") or 1) == 1
     try:
         validate_config(cfg)  # choices, names, ranges: before any data or teacher pass (each multirun point too)
-        cfg = resolve_resume(cfg, out_dir)  # trainer.resume=wandb:...: the artifact, downloaded into the run folder
-        callbacks = [*([ctrl_c] if single else []), *([guard] if guard else []), *loggers_for(cfg, out_dir)]
-        with ctrl_c if single else contextlib.nullcontext():
-            summary = train(cfg, out_dir, callbacks=callbacks)
+        # compose (Hydra did) -> resume artifact -> loggers -> train: the helper launches and workers use too
+        callbacks = [*([ctrl_c] if single else []), *([guard] if guard else [])]
+        summary = run_training(cfg, out_dir, callbacks=callbacks, context=ctrl_c if single else None)
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         return _fail(out_dir, EXIT_NONFINITE, exc, started)
@@ -130,8 +119,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from ickd.config_store import precheck_train_args
-
     try:  # `python -m ickd.train ...`: the same compose-time checks as `ickd train`
         precheck_train_args(sys.argv[1:])
     except IckdError as exc:

@@ -22,12 +22,13 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist` (CI installs it)")
 def test_validity_bench_prints_the_compare_table_and_the_signal_diagnostics(tmp_path):
     out = tmp_path / "validity"
-    args = ["--out", str(out), "--seeds", "2", "--study-trials", "2", "dataset.train_subset=1000", "dataset.holdout=500", "trainer.epochs=1"]
+    args = ["--out", str(out), "--seeds", "2", "--study-trials", "2", "dataset.train_subset=1200", "dataset.holdout=500", "trainer.epochs=1"]
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "validity.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "validity.json").read_text())
     labels = [r["label"] for r in result["compare"]["rows"]]
-    assert labels == ["ce", "kd", "kd_matched", "ickd (default)", "ickd (tuned)", "ickd (random neighbours)"]
+    assert labels == ["ce", "kd", "kd_matched", "fitnet", "at", "crd:distill.nce_k=1024", "reviewkd",
+                      "ickd (default)", "ickd (tuned)", "ickd (random neighbours)"]
     for row in result["compare"]["rows"]:
         assert row["n"] == 2 and math.isfinite(row["test_mean"]) and math.isfinite(row["holdout_mean"]), row
     for rows in result["diagnostics"].values():

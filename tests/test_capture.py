@@ -4,11 +4,13 @@ optimiser steps on. CPU stand-in for the two CUDA calls (capture, replay): tests
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ickd.engine import train
+from ickd.engine import step as step_mod
 from ickd.engine import trainer as trainer_mod
 from tests.helpers import compose_config
 from tests.test_fast_path import ICKD, ReplayingGraphStep, _ReplayGraph, assert_same_curves, assert_same_weights, curve
@@ -37,8 +39,8 @@ class FirstReplayFails(ReplayingGraphStep):
 
 def _use(monkeypatch, cls):
     ReplayingGraphStep.instances = []  # every stand-in registers there
-    monkeypatch.setattr(trainer_mod, "CudaGraphStep", cls)
-    monkeypatch.setattr(trainer_mod.Trainer, "_resolve_step_mode", lambda self: "graph")
+    monkeypatch.setattr(step_mod, "CudaGraphStep", cls)
+    monkeypatch.setattr(trainer_mod.Trainer, "resolve_step_mode", lambda self: "graph")
     return ReplayingGraphStep.instances
 
 
@@ -53,7 +55,7 @@ def test_a_failed_capture_falls_back_to_the_eager_step_and_trains_identically(tm
     with caplog.at_level(logging.WARNING, logger="ickd.engine.step"):
         fell_back = train(compose_config(*args), tmp_path / "fallback")
     (step,) = instances
-    monkeypatch.setattr(trainer_mod.Trainer, "_resolve_step_mode", lambda self: "eager")
+    monkeypatch.setattr(trainer_mod.Trainer, "resolve_step_mode", lambda self: "eager")
     eager = train(compose_config(*args), tmp_path / "eager")
     assert fell_back["status"] == eager["status"] == "completed"
     # One line with the cause (its first line), then never another capture.
@@ -76,12 +78,12 @@ def test_the_optimiser_steps_on_the_graph_owned_gradients(tmp_path, teacher_dir,
     those tensors (a dropped gradient, ``set_to_none=True``, would leave the graph writing into
     memory no parameter reads)."""
     instances = _use(monkeypatch, ReplayingGraphStep)
-    finish = trainer_mod.Trainer._finish_step
+    finish = step_mod.TrainStep.finish
     seen: list[tuple[str, int, bool]] = []  # (kind of step, epoch's capture, same tensors as the graph's)
     owned: dict[int, list[int]] = {}
 
     def checked_finish(self):
-        graph = self._graph
+        graph = self.graph
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         ptrs = [p.grad.data_ptr() if p.grad is not None else None for p in params]
         if graph.graph is not None:
@@ -90,17 +92,17 @@ def test_the_optimiser_steps_on_the_graph_owned_gradients(tmp_path, teacher_dir,
             seen.append(("eager" if graph._eager_now else "replay", graph.captures, ptrs == owned[graph.captures]))
         finish(self)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_finish_step", checked_finish)
-    eager = trainer_mod.Trainer.train_step
+    monkeypatch.setattr(step_mod.TrainStep, "finish", checked_finish)
+    eager = step_mod.TrainStep.eager
 
     def marked_eager(self, *args):
-        self._graph._eager_now = True
+        self.graph._eager_now = True
         try:
             return eager(self, *args)
         finally:
-            self._graph._eager_now = False
+            self.graph._eager_now = False
 
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", marked_eager)
+    monkeypatch.setattr(step_mod.TrainStep, "eager", marked_eager)
     monkeypatch.setattr(ReplayingGraphStep, "_eager_now", False, raising=False)
     summary = train(compose_config(*ICKD, f"teacher.checkpoint={teacher_dir}"), tmp_path)
     (step,) = instances
@@ -134,8 +136,9 @@ def test_the_step_falls_back_once_and_stays_eager_fast():
         calls.append("eager")
         return body(x, y, idx, epoch)
 
-    step = CaptureFails(body, opt.step, eager, lambda none: opt.zero_grad(set_to_none=none), batch_size=4, warmup_steps=1,
-                        snapshot=lambda: (lambda: restored.append(True)))
+    owner = SimpleNamespace(body=body, finish=opt.step, eager=eager, zero_grad=lambda none: opt.zero_grad(set_to_none=none),
+                            snapshot=lambda: (lambda: restored.append(True)))  # what a TrainStep gives its graph
+    step = CaptureFails(owner, batch_size=4, warmup_steps=1)
     x, y, idx = torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.arange(4)
     (_, counted) = step(x, y, idx, 0, "sig", None)  # warm-up
     assert counted and step.mode == "graph"

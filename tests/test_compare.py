@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ickd.sweep import compare as cmp
+from ickd.report import compare as cmp
 from tests.helpers import REPO
 
 SMOKE = REPO / "sweeps" / "synthetic_smoke.yaml"
@@ -156,8 +156,8 @@ def test_summary_table_and_outputs(tmp_path):
     assert "## Rows" in paths["compare.md"].read_text()
     assert paths["compare.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The study's HTML and W&B reports pick the comparison up from compare.json.
-    from ickd.track.report import _compare_html
-    from ickd.track.wandb_report import wandb_report_spec
+    from ickd.report.study import _compare_html
+    from ickd.report.wandb_report import wandb_report_spec
 
     html_ = _compare_html(tmp_path / "study")
     assert 'id="compare-table"' in html_ and "Comparison over seeds" in html_ and "no significant gain" in html_
@@ -206,6 +206,8 @@ def test_plan_runs_and_baseline_recipes(tmp_path):
     assert cmd[1:3] == ["-m", "ickd.train"] and f"hydra.run.dir={tmp_path / 'runs' / 'ce' / 'seed-7'}" in cmd
     assert cmp.without_distill(["dataset=synthetic", "distill=ickd", "distill.picd_weight=0", "+distill.x=1", "memory.k=4"]) == ["dataset=synthetic", "memory.k=4"]
     assert cmp.parse_baselines("ce, kd=other_study,,dkd") == [("ce", None), ("kd", "other_study"), ("dkd", None)]
+    # a recipe with its own overrides keeps them in its label (and is not a study)
+    assert cmp.parse_baselines("crd:distill.nce_k=64;distill.feat_weight=1") == [("crd:distill.nce_k=64;distill.feat_weight=1", None)]
     with pytest.raises(cmp.ConfigError, match="twice"):
         cmp.parse_baselines("kd,kd")
     with pytest.raises(cmp.ConfigError, match="distinct labels"):

@@ -180,7 +180,9 @@ def test_one_place_states_each_default():
     allowed = {("TrainSchema", "model"), ("TrainSchema", "pair"), ("ModelSchema", "kwargs"), ("TeacherSchema", "kwargs"),
                ("TeacherSchema", "checkpoint"), ("TeacherSchema", "trust_checkpoint"),
                # keys a method ignores, so an experiment can state one recipe for every method
-               ("CESchema", "kd_weight"), ("CESchema", "temperature"), ("DKDSchema", "kd_weight")}
+               ("CESchema", "kd_weight"), ("CESchema", "temperature"), ("DKDSchema", "kd_weight"),
+               *((cls, key) for cls in ("FeatureMethodSchema", "FitNetSchema", "ATSchema", "CRDSchema", "ReviewKDSchema")
+                 for key in ("kd_weight", "temperature"))}
     for name in dir(schema):
         cls = getattr(schema, name)
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == schema.__name__) or cls is schema.PairSchema:
@@ -219,7 +221,9 @@ def test_ickd_train_config_errors_exit_2_before_anything_runs(tmp_path, monkeypa
     proc = subprocess.run([sys.executable, "-m", "ickd.train", *FAST, "trainer.epochs=abc"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert_config_error(proc, "trainer.epochs")
     help_proc = ickd("train", "--help", cwd=tmp_path)
-    assert help_proc.returncode == 0 and "distill: ce, dkd, ickd, kd, kd_matched" in help_proc.stdout
+    distill_line = next((l for l in help_proc.stdout.splitlines() if l.startswith("distill: ")), "")
+    assert help_proc.returncode == 0 and {"ce", "kd", "dkd", "ickd", "fitnet", "at", "crd", "reviewkd", "dkd+ickd"} <= set(
+        distill_line.removeprefix("distill: ").split(", ")), help_proc.stdout
     job = ickd("train", *FAST, "trainer.epochs=3", "--cfg", "job", cwd=tmp_path)
     assert job.returncode == 0 and "epochs: 3" in job.stdout, job.stderr
 

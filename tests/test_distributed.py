@@ -146,13 +146,19 @@ def _rank_main(argv: list[str]) -> None:
 
         trained: list
 
-        def train_step(self, x, y, idx, epoch):
-            self.trained = getattr(self, "trained", [])
-            self.trained.append((epoch, idx.tolist()))
-            total, losses, stats, logits = super().train_step(x, y, idx, epoch)
-            if spec.get("nan_at") == [rank, len(self.trained)]:
-                losses = {k: v * float("nan") for k, v in losses.items()}
-            return total, losses, stats, logits
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.trained = []
+            eager = self.step.eager  # DDP runs eagerly; wrap the step owner's eager step
+
+            def probed(x, y, idx, epoch):
+                self.trained.append((epoch, idx.tolist()))
+                total, losses, stats, logits = eager(x, y, idx, epoch)
+                if spec.get("nan_at") == [rank, len(self.trained)]:
+                    losses = {k: v * float("nan") for k, v in losses.items()}
+                return total, losses, stats, logits
+
+            self.step.eager = probed
 
         def fit(self):
             summary = None

@@ -17,6 +17,7 @@ import torch
 
 from ickd import fastpath
 from ickd.engine import train
+from ickd.engine import step as step_mod
 from ickd.engine import trainer as trainer_mod
 from ickd.engine.step import CudaGraphStep, EpochMeters
 from ickd.errors import ConfigError
@@ -58,8 +59,8 @@ class ReplayingGraphStep(CudaGraphStep):
 @pytest.fixture
 def graph_on_cpu(monkeypatch):
     ReplayingGraphStep.instances = []
-    monkeypatch.setattr(trainer_mod, "CudaGraphStep", ReplayingGraphStep)
-    monkeypatch.setattr(trainer_mod.Trainer, "_resolve_step_mode", lambda self: "graph")
+    monkeypatch.setattr(step_mod, "CudaGraphStep", ReplayingGraphStep)
+    monkeypatch.setattr(trainer_mod.Trainer, "resolve_step_mode", lambda self: "graph")
     return ReplayingGraphStep.instances
 
 
@@ -107,7 +108,7 @@ def test_graph_step_trains_exactly_like_the_eager_step(tmp_path, teacher_dir, gr
     graph = train(compose_config(*args), tmp_path / "graph")
     (step,) = graph_on_cpu
     graph_on_cpu.clear()
-    monkeypatch.setattr(trainer_mod.Trainer, "_resolve_step_mode", lambda self: "eager")
+    monkeypatch.setattr(trainer_mod.Trainer, "resolve_step_mode", lambda self: "eager")
     eager = train(compose_config(*args), tmp_path / "eager")
     assert not graph_on_cpu and graph["status"] == eager["status"] == "completed"
     assert_same_curves(curve(tmp_path / "graph"), curve(tmp_path / "eager"))
@@ -129,7 +130,7 @@ def test_graph_step_waits_while_an_online_bank_fills(tmp_path, graph_on_cpu, mon
     # Epoch 1 fills the banks online: all 8 steps eager; epoch 2: 3 warm-up steps, then the graph.
     assert (step.captures, step.replays, step.eager_steps) == (1, 5, 8 + 3)
     graph_on_cpu.clear()
-    monkeypatch.setattr(trainer_mod.Trainer, "_resolve_step_mode", lambda self: "eager")
+    monkeypatch.setattr(trainer_mod.Trainer, "resolve_step_mode", lambda self: "eager")
     train(compose_config(*args), tmp_path / "eager")
     assert_same_curves(curve(tmp_path / "graph"), curve(tmp_path / "eager"))
 
@@ -168,9 +169,9 @@ def test_meters_find_the_first_nonfinite_batch_without_host_sync_per_step():
 def test_ickd_losses_are_fp32_under_the_trainers_bf16_autocast():
     """The fast path runs the networks under bf16 autocast; retrieval and every loss must still be
     computed in fp32 from the (bf16) logits, exactly as outside autocast."""
-    import yaml
-
-    from ickd.distill.methods import create_method
+    from ickd.engine.run import to_container
+    from ickd.methods import StepOutputs, create_method
+    from tests.helpers import compose_config
     from ickd.distill.paradigms import OfflineDistiller, RetrievalSpec
     from ickd.memory import MemoryBank
 
@@ -181,14 +182,14 @@ def test_ickd_losses_are_fp32_under_the_trainers_bf16_autocast():
     centres = torch.randn(c, d, generator=g)
     feats = centres[labels] + 0.5 * torch.randn(n, d, generator=g)
     bank.fill(torch.arange(n), feats, torch.randn(n, c, generator=g) * 3, labels)
-    cfg = yaml.safe_load(open("configs/distill/ickd.yaml"))
+    cfg = to_container(compose_config("distill=ickd").distill)
     distiller = OfflineDistiller(torch.nn.Identity(), create_method(cfg), RetrievalSpec(k=16), teacher=None, bank=None)
     idx = torch.arange(b)
     logits = (torch.randn(b, c, generator=g) * 3).to(torch.bfloat16)
     teacher_logits = torch.randn(b, c, generator=g) * 3
     # Reference: the method on fp32 logits, no autocast anywhere.
     neighbours = bank.retrieve(feats[idx], 16, labels[idx], exclude_indices=idx)
-    plain = distiller.method(logits.float(), teacher_logits, labels[idx], neighbours, 1)
+    plain = distiller.method(StepOutputs(logits.float(), teacher_logits, labels[idx], idx, 1, neighbours))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside, _ = distiller.distil(logits, teacher_logits, feats[idx], labels[idx], idx, 1, bank)
     assert set(plain) == {"ce", "kd", "picd", "nicd"}

@@ -57,9 +57,9 @@ def test_correctness_checks_pass_and_catch_dropped_graph_gradients(monkeypatch):
     assert all(r["pass"] for r in rows.values()), rows
     pointer_check = "gradient pointers stable (short batch, next epoch)"
     # The mutant of issue 12: the eager steps drop the graph-owned gradients (set_to_none=True).
-    from ickd.engine.trainer import Trainer
+    from ickd.engine.step import TrainStep
 
-    monkeypatch.setattr(Trainer, "_zero_grad", lambda self, set_to_none: self.optimizer.zero_grad(set_to_none=True))
+    monkeypatch.setattr(TrainStep, "zero_grad", lambda self, set_to_none: self.optimizer.zero_grad(set_to_none=True))
     rows = _correctness()
     assert not rows[pointer_check]["pass"], rows[pointer_check]
 

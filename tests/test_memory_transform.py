@@ -444,7 +444,7 @@ def _sorted_bundle(n: int = 1000, c: int = 10):
 
 @pytest.mark.parametrize("size", [100, None])
 def test_trainer_fills_a_fifo_bank_in_shuffled_order(tmp_path, size):
-    from ickd.distill.methods import create_method
+    from ickd.methods import create_method
     from ickd.distill.paradigms import OfflineDistiller, RetrievalSpec
     from ickd.engine.run import to_container
     from ickd.engine.trainer import Trainer, TrainerConfig

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ickd import fastpath
-from ickd.distill.methods import create_method
+from ickd.methods import StepOutputs, create_method
 from ickd.distill.paradigms import OfflineDistiller
 from ickd.engine.step import EpochMeters
 from ickd.memory import Neighbours
@@ -26,6 +26,11 @@ from ickd.models import create_model
 from ickd.models.fold import fold_frozen
 
 ALL_OFF = {name: False for name in fastpath.OPTIMISATIONS}
+
+
+def call(method, student, teacher, labels, nb, epoch):
+    """A method's losses for one step's outputs (indices unused by logit methods)."""
+    return method(StepOutputs(student, teacher, labels, torch.arange(labels.shape[0]), epoch, nb))
 
 
 @contextlib.contextmanager
@@ -77,7 +82,7 @@ def losses_and_grad(cfg, flags, dtype=torch.float32, epoch=3):
     student = (torch.randn(16, 10, generator=g) * 2).to(dtype).requires_grad_(True)
     teacher = (torch.randn(16, 10, generator=g) * 3).to(dtype)
     with switches(**flags):
-        losses = create_method(cfg)(student, teacher, labels, nb, epoch)
+        losses = call(create_method(cfg), student, teacher, labels, nb, epoch)
         sum(losses.values()).backward()
     return {k: v.detach() for k, v in losses.items()}, student.grad
 
@@ -131,7 +136,7 @@ def test_shared_log_softmax_is_computed_once_per_temperature():
     # The fused node (its own test below) computes NICD's softmax itself: measure sharing alone.
     for name, flags in (("off", ALL_OFF), ("on", {"fused_incontext": False})):
         with switches(**flags), Count() as c:
-            create_method(METHOD_CFGS["ickd"])(student, teacher, labels, nb, 0)
+            call(create_method(METHOD_CFGS["ickd"]), student, teacher, labels, nb, 0)
         counts[name] = c.n
     # student: 4 -> 3 (CE at 1, KD+PICD at T, NICD at T_n); neighbour weights and targets: 6 -> 4.
     assert counts["on"] <= counts["off"] - 3, counts
@@ -196,7 +201,7 @@ def test_fused_incontext_dispatches_fewer_ops_forward_and_backward():
         teacher = torch.randn(16, 10, generator=g) * 3
 
         def step():
-            sum(create_method(METHOD_CFGS["ickd"])(student, teacher, labels, nb, 0).values()).backward()
+            sum(call(create_method(METHOD_CFGS["ickd"]), student, teacher, labels, nb, 0).values()).backward()
 
         with switches(**flags):
             counts[name] = _count_ops(step)
@@ -211,7 +216,7 @@ def test_warmup_ramp_is_a_device_scalar_that_never_changes_the_signature(method)
     nb, labels = neighbours()
     student, teacher = torch.randn(16, 10), torch.randn(16, 10)
     m = create_method(cfg)
-    first = m(student, teacher, labels, nb, 0)  # eager step: allocates and sets the scalar
+    first = call(m, student, teacher, labels, nb, 0)  # eager step: allocates and sets the scalar
     key = "dkd" if method == "dkd" else "picd"
     assert isinstance(m._ramp, torch.Tensor) and m._ramp.item() == 0.25
     signatures = {m.step_signature(e) for e in range(6)}
@@ -219,7 +224,7 @@ def test_warmup_ramp_is_a_device_scalar_that_never_changes_the_signature(method)
     m.step_signature(2)  # what the trainer does before a replay at epoch 2
     assert m._ramp.item() == 0.75
     # A "replay": the captured graph would reuse the epoch-0 tensors; the factor it reads is m._ramp.
-    torch.testing.assert_close(first[key] / 0.25 * m._ramp, m(student, teacher, labels, nb, 2)[key], rtol=1e-6, atol=0)
+    torch.testing.assert_close(first[key] / 0.25 * m._ramp, call(m, student, teacher, labels, nb, 2)[key], rtol=1e-6, atol=0)
     with switches(device_ramp=False):
         plain = create_method(cfg)
         assert len({plain.step_signature(e) for e in range(6)}) == 4  # 0.25, 0.5, 0.75, 1.0: recaptures

@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 from ickd.sweep.spec import load_spec
 from ickd.sweep.studies import StudyHandle
 from ickd.sweep.worker import run_worker
-from ickd.track.report import FIGURES, study_summary, write_local_report
-from ickd.track.wandb_report import WandbReportError, build_wandb_report, publish_wandb_report, wandb_report_spec
+from ickd.report.study import FIGURES, study_summary, write_local_report
+from ickd.report.wandb_report import WandbReportError, build_wandb_report, publish_wandb_report, wandb_report_spec
 from tests.helpers import REPO, compose_config
 
 SMOKE = REPO / "sweeps" / "synthetic_smoke.yaml"
@@ -311,7 +311,7 @@ def spec_with(**changes) -> dict:
 def test_runs_with_and_without_holdout_show_holdout_and_test_side_by_side(tmp_path):
     """split_numbers/baseline rows on hand-written run folders: a holdout run, and an old run from
     before holdouts existed (val/top1 was the test split; no test/* keys) that must still render."""
-    from ickd.track.report import _baselines_html, baseline_rows, split_numbers
+    from ickd.report.study import _baselines_html, baseline_rows, split_numbers
 
     new, old = tmp_path / "new", tmp_path / "old"
     for folder, holdout in ((new, 64), (old, None)):

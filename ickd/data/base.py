@@ -23,7 +23,7 @@ import torch
 
 from ickd.data.classic import ClassicLoader
 from ickd.data.loader import STREAM_SUBSET, AugmentSpec, Batch, InMemoryLoader, derive_seed
-from ickd.errors import ConfigError
+from ickd.errors import ConfigError, DatasetNotFoundError
 from ickd.registry import Registry
 
 __all__ = [
@@ -68,8 +68,6 @@ def check_given_root(
     path = Path(os.fspath(root)).expanduser()
     if path.is_dir() or (download and not path.exists()):
         return
-    from ickd.errors import DatasetNotFoundError
-
     problem = "is not a folder" if path.exists() else "does not exist"
     raise DatasetNotFoundError(
         f"{dataset}: dataset.root={root} {problem} (resolved: {path.resolve()}). Fix: point dataset.root at the "

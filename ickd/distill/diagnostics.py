@@ -23,6 +23,7 @@ import torch
 from ickd.distill.paradigms import OfflineDistiller
 from ickd.errors import ConfigError
 from ickd.losses import neighbour_weights
+from ickd.methods import StepOutputs
 
 __all__ = ["signal_diagnostics", "fill_bank", "FIRST_IMPLEMENTATION"]
 
@@ -97,7 +98,7 @@ def signal_diagnostics(
         w_max = torch.where(nb.positive, w, torch.zeros_like(w)).amax(dim=1)
         w_min = torch.where(nb.positive, w, torch.full_like(w, big)).amin(dim=1)
         ratios.extend((w_max / w_min.clamp(min=1e-30))[pos_rows].tolist())
-        losses = method(s_logits, t_logits, y, nb, epoch)
+        losses = method(StepOutputs(s_logits, t_logits, y, idx, epoch, nb))
         grads = {name: _flat_grad(loss, params) for name, loss in losses.items() if loss.requires_grad}
         for name, g in grads.items():
             norms.setdefault(name, []).append(float(g.norm()))

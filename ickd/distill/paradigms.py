@@ -14,30 +14,20 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ickd import fastpath
-from ickd.distill.methods import LossMethod
+from ickd.distill.context import BuildContext, RetrievalSpec, build_teacher
+from ickd.errors import CheckpointError, ConfigError
 from ickd.memory import MemoryBank, Neighbours
+from ickd.methods import Method, StepOutputs, method_class
+from ickd.models import forward_features
 from ickd.registry import Registry
 
 PARADIGMS: Registry[type["Distiller"]] = Registry("paradigm")
 
 
 @dataclass
-class RetrievalSpec:
-    k: int
-    split: str = "topk"
-    k_pos: int | None = None
-    k_neg: int | None = None
-    retrieval: str = "knn"  # knn | random (the random-neighbour ablation, memory.retrieval)
-
-    def retrieve(self, bank: MemoryBank, feats: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor | None) -> Neighbours:
-        return bank.retrieve(
-            feats, self.k, labels, exclude_indices=idx, split=self.split, k_pos=self.k_pos, k_neg=self.k_neg,
-            retrieval=self.retrieval,
-        )
-
-
-@dataclass
 class StepOutput:
+    """What a distiller's training forward returns to the trainer (the method sees a StepOutputs)."""
+
     logits: torch.Tensor
     losses: dict[str, torch.Tensor]
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -64,17 +54,31 @@ def retrieval_stats(nb: Neighbours, prefix: str = "") -> dict[str, torch.Tensor]
     }
 
 
+def _detached(features: dict[str, Any]) -> dict[str, Any]:
+    """A feature dict with every tensor detached (the teacher side of a step)."""
+    return {k: ([t.detach() for t in v] if isinstance(v, list) else v.detach()) for k, v in features.items()}
+
+
 class Distiller(nn.Module):
-    def __init__(self, student: nn.Module, method: LossMethod, retrieval: RetrievalSpec | None) -> None:
+    def __init__(self, student: nn.Module, method: Method, retrieval: RetrievalSpec | None) -> None:
         super().__init__()
         self.student = student
-        self.method = method
+        self.method = method  # a submodule: its parameters train, its state is checkpointed
         self.retrieval = retrieval
         self.banks: dict[str, MemoryBank] = {}
 
     # --- what the trainer uses -------------------------------------------------------------
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return self.student.parameters()
+        return [*self.student.parameters(), *self.method.parameters()]
+
+    def _forward(self, net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``net``'s logits and feature dict with what the method needs (``Method.needs_features``)."""
+        return forward_features(net, x, self.method.needs_features)
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> "Distiller":
+        """This paradigm's distiller for a run (``ctx``: ickd.distill.build.BuildContext)."""
+        raise NotImplementedError
 
     def forward_train(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> StepOutput:
         raise NotImplementedError
@@ -131,9 +135,11 @@ class Distiller(nn.Module):
         """The fill pass's forward of ``source`` (the same network the training steps query with)."""
         return source(x)
 
-    def distil(self, logits, teacher_logits, teacher_feats, y, idx, epoch, bank: MemoryBank | None, prefix: str = ""):
+    def distil(self, logits, teacher_logits, teacher_feats, y, idx, epoch, bank: MemoryBank | None, prefix: str = "",
+               student_features: dict[str, Any] | None = None, teacher_features: dict[str, Any] | None = None):
         """The method's losses for one student: retrieve its neighbours from ``bank`` (queried with
-        the teacher-side features of the batch, the bank's own feature space) when there is one."""
+        the teacher-side pooled features of the batch, the bank's own feature space) when there is
+        one, then call the method on the step's outputs."""
         nb, stats = None, {}
         # Losses are computed in fp32 (the networks' forward stays under the trainer's autocast):
         # the einsum/bmm inside PICD/NICD would otherwise round targets and similarities to bf16.
@@ -141,7 +147,8 @@ class Distiller(nn.Module):
             if bank is not None:
                 nb = self.retrieval.retrieve(bank, teacher_feats.float(), y, idx)
                 stats = retrieval_stats(nb, prefix)
-            return self.method(logits, teacher_logits, y, nb, epoch), stats
+            out = StepOutputs(logits, teacher_logits, y, idx, epoch, nb, student_features or {}, teacher_features or {})
+            return self.method(out), stats
 
     def write_bank(self, bank: MemoryBank, epoch: int, idx, feats, logits, labels) -> None:
         """Store the batch's outputs: ``fill`` while an online-filled bank is still being built
@@ -163,12 +170,23 @@ class Distiller(nn.Module):
         """What must be saved to resume exactly (frozen teachers are reloaded from their file)."""
         state: dict[str, Any] = {"student": self.student.state_dict()}
         state["banks"] = {name: bank.state_dict() for name, bank in self.banks.items()}
+        method_state = self.method.state_dict()
+        if method_state:  # a method with heads or memories (FitNet, CRD...); none for logit methods
+            state["method"] = method_state
         return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         for name, bank in self.banks.items():
             bank.load_state_dict(state["banks"][name])
+        method_state = self.method.state_dict()
+        if method_state or "method" in state:
+            if "method" not in state:
+                raise CheckpointError(
+                    f"the checkpoint has no state for the method's {len(method_state)} parameter/buffer tensors "
+                    "(it was written by another distill method); resume with the method that wrote it"
+                )
+            self.method.load_state_dict(state["method"])
 
 
 @PARADIGMS.register("offline")
@@ -187,6 +205,17 @@ class OfflineDistiller(Distiller):
         # (key, folded copy) of the frozen teacher for autocast steps; a plain attribute, not a
         # submodule: no state_dict entry, never trained, rebuilt when its key changes.
         self._folded: tuple[Any, nn.Module | None] | None = None
+
+    @classmethod
+    def build(cls, ctx):
+        student = ctx.net("student")
+        teacher = None
+        if method_class(ctx.cfg["distill"]).needs_teacher:
+            teacher = build_teacher(ctx.cfg, ctx.num_classes, ctx.in_channels)
+        method = ctx.method(student, teacher)
+        bank = ctx.bank(teacher.feature_dim) if method.needs_bank else None
+        return cls(student, method, ctx.retrieval(method), teacher=teacher, bank=bank,
+                   fill_pass=str(ctx.cfg["memory"]["fill"]) == "pass")
 
     def train(self, mode: bool = True) -> "OfflineDistiller":
         super().train(mode)
@@ -207,7 +236,8 @@ class OfflineDistiller(Distiller):
         ``teacher_fold``; no BN pass and no weight cast per step), else the teacher itself."""
         assert self.teacher is not None
         device = x.device.type
-        if not (fastpath.enabled("teacher_fold") and torch.is_autocast_enabled(device)) or self.teacher.training:
+        if (not (fastpath.enabled("teacher_fold") and torch.is_autocast_enabled(device)) or self.teacher.training
+                or self.method.needs_features):  # the folded copy only has the plain forward
             return self.teacher
         from ickd.models.fold import fold_frozen
 
@@ -226,15 +256,18 @@ class OfflineDistiller(Distiller):
 
     def forward_train(self, x, y, idx, epoch):
         teacher_logits = teacher_feats = None
+        t_features: dict[str, Any] = {}
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits, teacher_feats = self._step_teacher(x)(x)
-        logits, _ = self.student(x)
+                teacher_logits, t_features = self._forward(self._step_teacher(x), x)
+            teacher_feats = t_features["pooled"]
+        logits, s_features = self._forward(self.student, x)
         bank = self.banks.get("teacher")
         if bank is not None and fastpath.enabled("lean_bank"):
             # Cast once (exact): retrieval, the losses and the bank write each cast them otherwise.
             teacher_logits, teacher_feats = teacher_logits.float(), teacher_feats.float()
-        losses, stats = self.distil(logits, teacher_logits, teacher_feats, y, idx, epoch, bank)
+        losses, stats = self.distil(logits, teacher_logits, teacher_feats, y, idx, epoch, bank,
+                                    student_features=s_features, teacher_features=t_features)
         if bank is not None:
             self.write_bank(bank, epoch, idx, teacher_feats.float(), teacher_logits.float(), y)
         return StepOutput(logits, losses, stats)
@@ -249,19 +282,31 @@ class OnlineDistiller(Distiller):
         self.peer = peer
         self.banks.update(banks or {})
 
+    @classmethod
+    def build(cls, ctx):
+        student = ctx.net("student")
+        peer = ctx.net("teacher")
+        method = ctx.method(student, peer)
+        banks = None
+        if method.needs_bank:
+            banks = {"student": ctx.bank(student.feature_dim), "peer": ctx.bank(peer.feature_dim, seed_offset=1)}
+        return cls(student, method, ctx.retrieval(method), peer=peer, banks=banks)
+
     def trainable_parameters(self):
-        return list(self.student.parameters()) + list(self.peer.parameters())
+        return list(self.student.parameters()) + list(self.peer.parameters()) + list(self.method.parameters())
 
     def eval_models(self):
         return {"student": self.student, "peer": self.peer}
 
     def forward_train(self, x, y, idx, epoch):
-        logits_s, feats_s = self.student(x)
-        logits_p, feats_p = self.peer(x)
-        feats_s, feats_p = feats_s.detach().float(), feats_p.detach().float()
+        logits_s, f_s = self._forward(self.student, x)
+        logits_p, f_p = self._forward(self.peer, x)
+        feats_s, feats_p = f_s["pooled"].detach().float(), f_p["pooled"].detach().float()
         # Each peer learns from the other's outputs and retrieves from the other's bank.
-        losses, stats = self.distil(logits_s, logits_p.detach(), feats_p, y, idx, epoch, self.banks.get("peer"))
-        peer_losses, peer_stats = self.distil(logits_p, logits_s.detach(), feats_s, y, idx, epoch, self.banks.get("student"), "peer_")
+        losses, stats = self.distil(logits_s, logits_p.detach(), feats_p, y, idx, epoch, self.banks.get("peer"),
+                                    student_features=f_s, teacher_features=_detached(f_p))
+        peer_losses, peer_stats = self.distil(logits_p, logits_s.detach(), feats_s, y, idx, epoch, self.banks.get("student"), "peer_",
+                                              student_features=f_p, teacher_features=_detached(f_s))
         losses.update({f"peer_{name}": value for name, value in peer_losses.items()})
         stats.update(peer_stats)
         if self.banks:
@@ -293,6 +338,17 @@ class TeacherFreeDistiller(Distiller):
             self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
 
+    @classmethod
+    def build(cls, ctx):
+        source = str(ctx.cfg["paradigm"]["bank_source"])
+        if source not in ("self", "ema"):
+            raise ConfigError(f"paradigm.bank_source={source!r} is not valid; use self or ema")
+        student = ctx.net("student")
+        method = ctx.method(student, student)
+        bank = ctx.bank(student.feature_dim) if method.needs_bank else None
+        return cls(student, method, ctx.retrieval(method), bank=bank, source=source,
+                   ema_decay=float(ctx.cfg["paradigm"]["ema_decay"]))
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.ema is not None:
@@ -300,14 +356,16 @@ class TeacherFreeDistiller(Distiller):
         return self
 
     def forward_train(self, x, y, idx, epoch):
-        logits, feats = self.student(x)
+        logits, s_features = self._forward(self.student, x)
         if self.ema is not None:
             with torch.no_grad():
-                t_logits, t_feats = self.ema(x)
+                t_logits, t_features = self._forward(self.ema.module, x)
         else:
-            t_logits, t_feats = logits.detach(), feats.detach()
+            t_logits, t_features = logits.detach(), _detached(s_features)
+        t_feats = t_features["pooled"]
         bank = self.banks.get("self")
-        losses, stats = self.distil(logits, t_logits, t_feats, y, idx, epoch, bank)
+        losses, stats = self.distil(logits, t_logits, t_feats, y, idx, epoch, bank,
+                                    student_features=s_features, teacher_features=t_features)
         if bank is not None:
             self.write_bank(bank, epoch, idx, t_feats.float(), t_logits.float(), y)
         return StepOutput(logits, losses, stats)

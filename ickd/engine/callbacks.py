@@ -7,10 +7,11 @@ checkpoint and metrics are already on disk by then.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ickd.runs.atomic import append_line
 
 
 @dataclass
@@ -55,24 +56,8 @@ class MetricsFile(Callback):
         self.path = Path(path)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        line = (json.dumps(metrics, sort_keys=True) + "\n").encode()
-        try:
-            with open(self.path, "ab", buffering=0) as f:
-                size = f.tell()
-                try:
-                    if f.write(line) != len(line):
-                        raise OSError(28, "No space left on device (short write)")
-                    os.fsync(f.fileno())
-                except OSError:
-                    try:  # no torn line: the file keeps its complete lines
-                        os.ftruncate(f.fileno(), size)
-                    except OSError:
-                        pass
-                    raise
-        except OSError as exc:
-            from ickd.engine.checkpoint import disk_write_error
-
-            raise disk_write_error(self.path, exc) from exc
+        # fsync'ed; no torn line (the file keeps its complete lines); a DiskWriteError naming the disk
+        append_line(self.path, json.dumps(metrics, sort_keys=True) + "\n")
 
 
 class CallbackList(Callback):

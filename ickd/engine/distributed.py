@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ickd.errors import ConfigError
+from ickd.runs import slurm
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,10 @@ class DistEnv:
 
 
 def _env_int(environ: Mapping[str, str], key: str, default: int | None = None) -> int | None:
-    raw = environ.get(key)
+    return _as_int(environ.get(key), key, default)
+
+
+def _as_int(raw: str | None, key: str, default: int | None = None) -> int | None:
     if raw in (None, ""):
         return default
     try:
@@ -240,23 +244,25 @@ def from_slurm_env(environ: MutableMapping[str, str] | None = None, scontrol: st
     as they now stand; returns ``{}`` (and changes nothing) outside a SLURM task.
     """
     env = os.environ if environ is None else environ
-    if env.get("SLURM_PROCID") in (None, ""):
+    task = slurm.task(env)  # the SLURM variables are read in ickd.runs.slurm only
+    if task is None:
         return {}
+    names = task.VARIABLES
     derived: dict[str, str] = {
-        "RANK": str(_env_int(env, "SLURM_PROCID")),
-        "WORLD_SIZE": str(_env_int(env, "SLURM_NTASKS", 1)),
-        "LOCAL_RANK": str(_env_int(env, "SLURM_LOCALID", 0)),
+        "RANK": str(_as_int(task.procid, names["procid"])),
+        "WORLD_SIZE": str(_as_int(task.ntasks, names["ntasks"], 1)),
+        "LOCAL_RANK": str(_as_int(task.localid, names["localid"], 0)),
     }
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    nodelist = task.nodelist
     if nodelist and not env.get("MASTER_ADDR"):
         derived["MASTER_ADDR"] = slurm_first_host(nodelist, scontrol)
     elif not nodelist and not env.get("MASTER_ADDR"):
-        raise ConfigError("SLURM_JOB_NODELIST is not set: cannot tell which host runs rank 0; set MASTER_ADDR")
-    job_id = _env_int(env, "SLURM_JOB_ID")
+        raise ConfigError(f"{names['nodelist']} is not set: cannot tell which host runs rank 0; set MASTER_ADDR")
+    job_id = _as_int(task.job_id, names["job_id"])
     if job_id is not None and not env.get("MASTER_PORT"):
         derived["MASTER_PORT"] = str(slurm_port(job_id))
     elif job_id is None and not env.get("MASTER_PORT"):
-        raise ConfigError("SLURM_JOB_ID is not set: cannot derive a rendezvous port; set MASTER_PORT")
+        raise ConfigError(f"{names['job_id']} is not set: cannot derive a rendezvous port; set MASTER_PORT")
     for key, value in derived.items():
         env.setdefault(key, value)
     return {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     derived = from_slurm_env(env)
     if not derived:
-        print("not inside a SLURM task (SLURM_PROCID unset); running CMD unchanged", file=sys.stderr)
+        print(f"not inside a SLURM task ({slurm.PROCID} unset); running CMD unchanged", file=sys.stderr)
     os.execvpe(args[0], args, env)
     return 0  # not reached
 

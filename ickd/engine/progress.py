@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ickd.engine.checkpoint import atomic_write_json
+from ickd.runs.rundir import RunDir
 
-PROGRESS_FILE = "progress.json"
+PROGRESS_FILE = RunDir.PROGRESS
 # Statuses a progress.json holds while its run is alive; the run's end writes result.json's status.
 LIVE_STATUSES = ("starting", "filling", "training", "evaluating")
 
@@ -49,7 +50,7 @@ def read_progress(run_dir: str | os.PathLike | None) -> dict[str, Any] | None:
     if not run_dir:
         return None
     try:
-        data = json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
+        data = json.loads(RunDir(run_dir).progress.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -19,6 +19,7 @@ from ickd.engine import distributed
 from ickd.engine.callbacks import Callback
 from ickd.engine.trainer import Trainer, TrainerConfig, resolve_device, seed_everything, write_config_yaml
 from ickd.errors import ConfigError
+from ickd.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
             f"memory.size={mem_size} is larger than the training set of {config['dataset']['name']} "
             f"(N={data.num_train}); use memory.size=null (the whole set) or a value <= {data.num_train}"
         )
-    distiller = build_distiller(config, data.num_classes, data.in_channels, data.num_train, device)
+    distiller = build_distiller(config, data.num_classes, data.in_channels, data.num_train, device,
+                                image_size=int(getattr(data, "image_size", 32)))
     trainer = Trainer(
         distiller,
         data,
@@ -102,7 +104,7 @@ def train(cfg: DictConfig | Mapping[str, Any], out_dir: str | os.PathLike, callb
     # A resumed run's config.yaml is written by Trainer.resume once its config check passed: a refused
     # resume must not relabel the run folder.
     if dist_env.is_main and trainer.find_resume_checkpoint() is None:
-        write_config_yaml(out / "config.yaml", config)
+        write_config_yaml(RunDir(out).config, config)
     log.info(
         "run %s: %s, %d train / %d holdout / %d test samples, output %s",
         trainer.run_info.name, data.source, data.num_train, getattr(data, "num_holdout", 0), data.num_val, out,

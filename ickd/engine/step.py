@@ -19,6 +19,8 @@ it eager lets the learning-rate schedule change without recapturing.
 from __future__ import annotations
 
 import logging
+import contextlib
+import copy
 from typing import Any, Callable, Hashable, Mapping
 
 import torch
@@ -164,18 +166,10 @@ class CudaGraphStep:
     batch and all later ones run eagerly (``mode`` becomes ``eager-fallback``, ``fallback`` the cause).
     """
 
-    def __init__(
-        self,
-        body: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], StepResult],
-        finish: Callable[[], None],
-        eager: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], StepResult],
-        zero_grad: Callable[[bool], None],
-        batch_size: int,
-        warmup_steps: int = WARMUP_STEPS,
-        snapshot: Callable[[], Callable[[], None]] | None = None,
-    ) -> None:
-        self.body, self.finish, self.eager, self.zero_grad = body, finish, eager, zero_grad
-        self.snapshot = snapshot  # returns a closure restoring meters and distiller state (see _fall_back)
+    def __init__(self, owner: "TrainStep", batch_size: int, warmup_steps: int = WARMUP_STEPS) -> None:
+        # The step it captures, and the eager path for whatever a graph cannot take, are the owner's.
+        self.body, self.finish, self.eager, self.zero_grad = owner.body, owner.finish, owner.eager, owner.zero_grad
+        self.snapshot = owner.snapshot  # returns a closure restoring meters and distiller state (see _fall_back)
         self.batch_size = batch_size
         self.warmup_steps = warmup_steps
         self.graph: Any = None
@@ -307,3 +301,120 @@ class CudaGraphStep:
 
     def stats(self) -> dict[str, int]:
         return {"graph_captures": self.captures, "graph_replays": self.replays, "eager_steps": self.eager_steps}
+
+
+def _clone_tensors(value: Any) -> Any:
+    """``value`` with every tensor in it (nested dicts, lists, tuples) cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((k, _clone_tensors(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
+class TrainStep:
+    """The one owner of a training step, graph or eager: ``step(x, y, idx, epoch)`` runs forward,
+    backward, the optimiser step and the epoch meters of one batch and returns the detached
+    ``(total, losses, stats, logits)``. The trainer asks it for steps and nothing else.
+
+    ``mode="graph"`` (CUDA, one process) runs batches through a :class:`CudaGraphStep` where it can;
+    ``"eager"`` runs :meth:`eager`. ``forward`` is what runs the distiller's training forward (the
+    distiller's ``forward_train``, or its DDP wrapper). Public pieces for benchmarks and tests:
+    :meth:`body` (what a graph captures), :meth:`finish` (the optimiser step), :meth:`zero_grad`,
+    :meth:`autocast`, :attr:`graph`, :meth:`metrics`.
+    """
+
+    def __init__(self, distiller: Any, optimizer: torch.optim.Optimizer, meters: EpochMeters, *,
+                 forward: Callable[..., Any], device: torch.device, autocast_dtype: torch.dtype | None,
+                 channels_last: bool, mode: str, batch_size: int) -> None:
+        self.distiller, self.optimizer, self.meters = distiller, optimizer, meters
+        self.forward, self.device = forward, device
+        self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
+        self.graph: CudaGraphStep | None = CudaGraphStep(self, batch_size) if mode == "graph" else None
+
+    # --- the pieces ----------------------------------------------------------------------------
+    def autocast(self) -> Any:
+        """The networks' autocast context (none without mixed precision)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # Graph capture needs the cast weights recomputed in every replay, not cached from capture time.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                              cache_enabled=self.graph is None or self.graph.fallback is not None)
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def body(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, meters: bool = True) -> StepResult:
+        """Forward, backward and (by default) the epoch meters of one batch; no optimiser step and no
+        host synchronisation, so a CUDA graph can capture it whole."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            out = self.forward(x, y, idx, epoch)
+        total = sum(v.float() for v in out.losses.values())
+        total.backward()
+        result = total.detach(), {k: v.detach() for k, v in out.losses.items()}, out.stats, out.logits.detach()
+        if meters:
+            self.meters.add(*result, y)
+        return result
+
+    def finish(self) -> None:
+        """The optimiser step and what follows it (EMA updates)."""
+        self.optimizer.step()
+        self.distiller.after_step()
+
+    def eager(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> StepResult:
+        """One eager step (forward, backward, update) without the meters."""
+        # A live CUDA graph owns the gradient tensors: zero them in place rather than dropping them.
+        self.zero_grad(set_to_none=self.graph is None or not self.graph.holds_grads)
+        result = self.body(x, y, idx, epoch, meters=False)
+        self.finish()
+        return result
+
+    def snapshot(self) -> Callable[[], None]:
+        """A closure putting the epoch meters and the distiller's training state (BN statistics,
+        banks) back as they are now: a CUDA graph's fallback (:meth:`CudaGraphStep._fall_back`)
+        after a first replay that raised part-way. Taken once per capture (a copy of the banks
+        then, briefly), never per step."""
+        meters = self.meters
+        state = _clone_tensors(self.distiller.training_state())
+        # A deep copy keeps views as views (the meters' sums may be views into one vector); the
+        # graph is dropped on a fallback, so the restored meters need not be the same tensors.
+        saved = copy.deepcopy(vars(meters))
+
+        def restore() -> None:
+            vars(meters).clear()
+            vars(meters).update(saved)
+            self.distiller.load_training_state(state)
+
+        return restore
+
+    # --- the step --------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> StepResult:
+        """One training step, graph or eager; the meters include it when it returns."""
+        if self.graph is None:
+            result, counted = self.eager(x, y, idx, epoch), False
+        else:
+            result, counted = self.graph(x, y, idx, epoch, self.distiller.step_signature(epoch),
+                                         self.distiller.capture_blocker(epoch))
+        if not counted:
+            self.meters.add(*result, y)
+        return result
+
+    @property
+    def mode(self) -> str:
+        """``graph``, ``eager``, or ``eager-fallback`` after a failed capture."""
+        return "eager" if self.graph is None else self.graph.mode
+
+    def metrics(self) -> dict[str, Any]:
+        """``step_mode`` (graph | eager | eager-fallback) and, after a fallback, its reason
+        (``step_fallback``), plus the graph's counters: recorded per epoch in metrics.jsonl."""
+        if self.graph is None:
+            return {"step_mode": "eager"}
+        out: dict[str, Any] = {"step_mode": self.graph.mode, **{f"step/{k}": v for k, v in self.graph.stats().items()}}
+        out["step/fallback"] = int(self.graph.fallback is not None)  # numeric: W&B logs numbers only
+        if self.graph.fallback is not None:
+            out["step_fallback"] = self.graph.fallback
+        return out

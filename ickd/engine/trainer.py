@@ -1,10 +1,9 @@
-"""The training loop: one ``train_step`` per batch, per-epoch evaluation, atomic checkpoints and
+"""The training loop: one step per batch (``ickd.engine.step.TrainStep``), per-epoch evaluation, atomic checkpoints and
 exact resume. Everything above the core plugs in through :mod:`ickd.engine.callbacks`."""
 from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import itertools
 import json
 import logging
@@ -23,19 +22,20 @@ import torch
 from ickd.distill import Distiller
 from ickd.engine import distributed
 from ickd.engine.callbacks import Callback, CallbackList, MetricsFile, RunInfo
-from ickd.engine.checkpoint import atomic_link, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from ickd.engine.checkpoint import atomic_link, atomic_write_text, load_checkpoint, save_checkpoint
 from ickd.engine.distributed import DistEnv
 from ickd.engine.optim import build_optimizer, build_scheduler
-from ickd.engine.progress import PROGRESS_FILE, ProgressTracker, format_duration
-from ickd.engine.step import CudaGraphStep, EpochMeters, StepResult
+from ickd.engine.progress import ProgressTracker, format_duration
+from ickd.engine.step import EpochMeters, TrainStep
 from ickd.errors import CheckpointError, ConfigError, DiskWriteError, NonFiniteLossError
+from ickd.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 #: The newest checkpoint that carries every memory bank training changes, kept beside last.pt when
 #: trainer.bank_checkpoint_every > 1 (a hard link to the last.pt it was).
-WITH_BANK_FILE = "with_bank.pt"
+WITH_BANK_FILE = RunDir.WITH_BANK
 #: A bank's M-sized entries: what a checkpoint leaves out of a bank the resume rebuilds.
 BANK_ENTRIES = ("feats", "logits", "labels", "sample_idx")
 
@@ -245,17 +245,6 @@ def _at_selected_epoch(history: Iterable[Mapping[str, Any]], key: str) -> float 
     return value
 
 
-def _clone_tensors(value: Any) -> Any:
-    """``value`` with every tensor in it (nested dicts, lists, tuples) cloned."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return type(value)((k, _clone_tensors(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone_tensors(v) for v in value)
-    return value
-
-
 def _bank_digest(bank: Any) -> str:
     """SHA-256 of a bank's entries (bytes on the host): what a rebuilt bank must reproduce."""
     import hashlib
@@ -316,12 +305,13 @@ class Trainer:
         self.data = data
         self.seed = seed
         self.out_dir = Path(out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.run_dir = RunDir(self.out_dir)  # every file name of the run folder
+        self.ckpt_dir = self.run_dir.checkpoints
         self.device = device or resolve_device(trainer_cfg.device)
         self.dist = dist_env or DistEnv.current()
         self.run_info = RunInfo(self.out_dir, run_name, stage, run_config or {}, total_epochs=trainer_cfg.epochs)
         # Only rank 0 writes metrics and runs callbacks; its decisions are broadcast (_agree).
-        self.callbacks = CallbackList([MetricsFile(self.out_dir / "metrics.jsonl"), *(callbacks or [])] if self.dist.is_main else [])
+        self.callbacks = CallbackList([MetricsFile(self.run_dir.metrics), *(callbacks or [])] if self.dist.is_main else [])
         cuda = self.device.type == "cuda"
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim_cfg, fused=cuda)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, trainer_cfg.epochs)
@@ -356,13 +346,14 @@ class Trainer:
         # Interrupt polls cost a collective per batch with several ranks: skip them when no callback
         # of rank 0 can ask (rank 0's answer is shared once, here).
         self._interruptible = self._agree(any(type(cb).interrupt_requested is not Callback.interrupt_requested for cb in self.callbacks.callbacks))
-        self.step_mode = self._resolve_step_mode()
+        self.step_mode = self.resolve_step_mode()
         self.check_every = int(trainer_cfg.nonfinite_check_every or (50 if cuda else 1))
         self.meters = EpochMeters(self.device)
-        self._graph: CudaGraphStep | None = None
-        if self.step_mode == "graph":
-            self._graph = CudaGraphStep(self._step_body, self._finish_step, self.train_step, self._zero_grad, batch,
-                                        snapshot=self._meters_snapshot)
+        # The one owner of a training step (graph or eager); the loop only asks it for steps.
+        self.step = TrainStep(distiller, self.optimizer, self.meters,
+                              forward=distiller.forward_train if self._ddp is None else self._ddp, device=self.device,
+                              autocast_dtype=self.autocast_dtype, channels_last=self.channels_last,
+                              mode=self.step_mode, batch_size=batch)
         self.pipeline = data.check_pipeline(trainer_cfg.pipeline)
         self._loader_kw = {"device": self.device, "num_workers": trainer_cfg.num_workers, "pipeline": self.pipeline, **self._shard}
         self.train_loader = data.train_loader(batch, shuffle=True, augment=True, seed=seed, **self._loader_kw)
@@ -372,7 +363,7 @@ class Trainer:
         self.selection_split = "holdout" if self.holdout_loader is not None else "test"
         # Progress lines off a terminal and the run folder's progress.json (rank 0 only).
         self.progress = ProgressTracker(
-            self.out_dir / PROGRESS_FILE if self.dist.is_main else None,
+            self.run_dir.progress if self.dist.is_main else None,
             epochs=trainer_cfg.epochs, eval_every=trainer_cfg.eval_every, interval_s=trainer_cfg.progress_interval_s,
             log_lines=self.dist.is_main and self._progress_mode() == "lines", logger=log,
             eval_images=int(getattr(data, "num_val", 0) or 0) + int(getattr(data, "num_holdout", 0) or 0),
@@ -380,7 +371,7 @@ class Trainer:
         )
 
     # --- one step ----------------------------------------------------------------------------
-    def _resolve_step_mode(self) -> str:
+    def resolve_step_mode(self) -> str:
         mode = self.cfg.step
         cuda = self.device.type == "cuda"
         if mode == "graph" and not cuda:
@@ -391,84 +382,6 @@ class Trainer:
             mode = "graph" if cuda and self.dist.world_size == 1 else "eager"
         log.info("training step: %s", mode)
         return mode
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        # Graph capture needs the cast weights recomputed in every replay, not cached from capture time.
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                              cache_enabled=self._graph is None or self._graph.fallback is not None)
-
-    def _meters_snapshot(self):
-        """A closure putting the epoch meters and the distiller's training state (BN statistics,
-        banks) back as they are now: a CUDA graph's fallback (:meth:`CudaGraphStep._fall_back`)
-        after a first replay that raised part-way. Taken once per capture (a copy of the banks
-        then, briefly), never per step."""
-        meters = self.meters
-        state = _clone_tensors(self.distiller.training_state())
-        # A deep copy keeps views as views (the meters' sums may be views into one vector); the
-        # graph is dropped on a fallback, so the restored meters need not be the same tensors.
-        saved = copy.deepcopy(vars(meters))
-
-        def restore() -> None:
-            vars(meters).clear()
-            vars(meters).update(saved)
-            self.distiller.load_training_state(state)
-
-        return restore
-
-    def step_mode_metrics(self) -> dict[str, Any]:
-        """``step_mode`` (graph | eager | eager-fallback) and, after a fallback, its reason
-        (``step_fallback``), plus the graph's counters: recorded per epoch in metrics.jsonl."""
-        if self._graph is None:
-            return {"step_mode": "eager"}
-        out: dict[str, Any] = {"step_mode": self._graph.mode, **{f"step/{k}": v for k, v in self._graph.stats().items()}}
-        out["step/fallback"] = int(self._graph.fallback is not None)  # numeric: W&B logs numbers only
-        if self._graph.fallback is not None:
-            out["step_fallback"] = self._graph.fallback
-        return out
-
-    def _zero_grad(self, set_to_none: bool) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def _step_body(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int, meters: bool = True) -> StepResult:
-        """Forward, backward and (by default) the epoch meters of one batch; no optimiser step and no
-        host synchronisation, so a CUDA graph can capture it whole."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            forward = self.distiller.forward_train if self._ddp is None else self._ddp
-            out = forward(x, y, idx, epoch)
-        total = sum(v.float() for v in out.losses.values())
-        total.backward()
-        result = total.detach(), {k: v.detach() for k, v in out.losses.items()}, out.stats, out.logits.detach()
-        if meters:
-            self.meters.add(*result, y)
-        return result
-
-    def _finish_step(self) -> None:
-        self.optimizer.step()
-        self.distiller.after_step()
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> StepResult:
-        """One eager step (forward, backward, update); returns detached (total, losses, stats, logits).
-        The epoch loop adds the result to the meters."""
-        # A live CUDA graph owns the gradient tensors: zero them in place rather than dropping them.
-        self._zero_grad(set_to_none=self._graph is None or not self._graph.holds_grads)
-        result = self._step_body(x, y, idx, epoch, meters=False)
-        self._finish_step()
-        return result
-
-    def _run_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, epoch: int) -> StepResult:
-        if self._graph is not None:
-            result, counted = self._graph(
-                x, y, idx, epoch, self.distiller.step_signature(epoch), self.distiller.capture_blocker(epoch)
-            )
-        else:
-            result, counted = self.train_step(x, y, idx, epoch), False
-        if not counted:
-            self.meters.add(*result, y)
-        return result
 
     # --- loops -------------------------------------------------------------------------------
     def _batches_per_epoch(self) -> int:
@@ -508,16 +421,16 @@ class Trainer:
         bar = self._progress(batches, n_batches - first, f"epoch {epoch + 1}/{self.cfg.epochs}")
         self.progress.epoch_started(epoch, n_batches, first)
         for step, (x, y, idx) in enumerate(bar, start=first):
-            total, losses, stats, logits = self._run_step(x, y, idx, epoch)
+            total, losses, stats, logits = self.step(x, y, idx, epoch)
             seen += y.shape[0]
             if (step + 1) % self.check_every == 0 or step + 1 == n_batches:
-                self._check_finite(epoch)
+                self.check_finite(epoch)
             if hasattr(bar, "set_postfix") and step % 20 == 0:
                 bar.set_postfix(loss=f"{total.item():.3f}")
             done = step + 1
             self.progress.batch_done(done, y.shape[0])  # a clock check; a line/progress.json when due
             if self._interrupt_requested():
-                self._check_finite(epoch)
+                self.check_finite(epoch)
                 raise _Interrupted({
                     "epoch": epoch, "step": done, "sums": {k: v.item() for k, v in self.meters.sums.items()},
                     "correct": self.meters.correct.item(), "seen": seen, "elapsed_s": time.perf_counter() - start,
@@ -552,7 +465,7 @@ class Trainer:
         world = self.dist.world_size
         return {k: packed[i] / world for i, k in enumerate(keys)}, packed[-2], int(packed[-1].item())
 
-    def _check_finite(self, epoch: int) -> None:
+    def check_finite(self, epoch: int) -> None:
         found = self.meters.nonfinite()
         step, bad = found if found else (-1, [])
         if self.dist.world_size > 1 and distributed.any_rank(bool(found)) and not found:
@@ -573,7 +486,7 @@ class Trainer:
         for x, y, _ in loader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            with self.step.autocast():
                 for name, model in models.items():
                     logits, _ = model(x)
                     c1, c5 = topk_correct(logits.float(), y, (1, 5))
@@ -685,7 +598,7 @@ class Trainer:
         self._label_config = plain_config(saved)
         log.warning(
             "resuming %s although its config differs (trainer.resume_config_check=false); the run keeps its original "
-            "label and config.yaml:\n%s", path, listing,
+            "label and %s:\n%s", path, RunDir.CONFIG, listing,
         )
 
     def save(self, epoch: int, is_best: bool, partial: dict[str, Any] | None = None, *, banks: bool = False) -> None:
@@ -702,14 +615,14 @@ class Trainer:
         self._banks_in_last = with_banks
         if not self.dist.is_main:  # all ranks hold the same state; rank 0 writes it
             return
-        path = self.ckpt_dir / "last.pt"
+        path = self.run_dir.last_checkpoint
         save_checkpoint(path, self._state(epoch, partial, with_banks))
         if changing and with_banks and every > 1:
-            atomic_link(path, self.ckpt_dir / WITH_BANK_FILE)
+            atomic_link(path, self.run_dir.with_bank_checkpoint)
         if is_best:
             # The published CIFAR teacher format, so a teacher trained here loads like theirs.
             best = {"model": self.distiller.student.state_dict(), "epoch": epoch, "best_acc": self.best_top1}
-            save_checkpoint(self.ckpt_dir / "best.pt", best)
+            save_checkpoint(self.run_dir.best_checkpoint, best)
         self.callbacks.on_checkpoint(path, epoch)
 
     def find_resume_checkpoint(self) -> Path | None:
@@ -717,19 +630,19 @@ class Trainer:
         if mode in ("never", "false", "False", "none", "None"):
             return None
         if mode == "auto":
-            path = self.ckpt_dir / "last.pt"
+            path = self.run_dir.last_checkpoint
             return path if path.is_file() else None
         path = Path(mode)
         if path.is_dir():
-            path = path / "checkpoints" / "last.pt"
+            path = RunDir(path).last_checkpoint
         if not path.is_file():
-            raise CheckpointError(f"trainer.resume={mode}: no checkpoint at {path}; give a last.pt file, a run folder, or trainer.resume=auto")
+            raise CheckpointError(f"trainer.resume={mode}: no checkpoint at {path}; give a {RunDir.LAST} file, a run folder, or trainer.resume=auto")
         return path
 
     def resume(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
         if state.get("version") != CHECKPOINT_VERSION or "distiller" not in state:
-            raise CheckpointError(f"{path} is not an ickd training checkpoint (version {state.get('version')}); resume from a checkpoints/last.pt written by ickd")
+            raise CheckpointError(f"{path} is not an ickd training checkpoint (version {state.get('version')}); resume from a {RunDir.CHECKPOINTS}/{RunDir.LAST} written by ickd")
         self._check_resume_config(path, state.get("run_config"))
         banks = state["distiller"].get("banks") or {}
         if any(isinstance(s, dict) and "saved_in" in s for s in banks.values()):
@@ -758,10 +671,10 @@ class Trainer:
         # lost with the interruption and will be run again, so they must not be counted twice.
         lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.history)
         if self.dist.is_main:
-            atomic_write_text(self.out_dir / "metrics.jsonl", lines)
+            self.run_dir.write_metrics(lines)
             label = self._recorded_config()
             if label is not None:  # only now that the config check passed (run.py skips it on resume)
-                write_config_yaml(self.out_dir / "config.yaml", label)
+                write_config_yaml(self.run_dir.config, label)
         where = f", batch {self.partial['step']}" if self.partial else ""
         log.info("resumed from %s at epoch %d%s", path, self.start_epoch, where)
 
@@ -818,7 +731,7 @@ class Trainer:
         resume_path = self.find_resume_checkpoint()
         if self.dist.world_size > 1 and not distributed.all_ranks_agree(resume_path is not None):
             raise CheckpointError(
-                f"the ranks disagree on whether {self.ckpt_dir / 'last.pt'} exists: the run folder must be on a "
+                f"the ranks disagree on whether {self.run_dir.last_checkpoint} exists: the run folder must be on a "
                 "filesystem shared by all ranks (or pass the same trainer.resume path to every rank)"
             )
         if resume_path is not None:
@@ -826,8 +739,8 @@ class Trainer:
             self.progress.start(self.start_epoch, self._batches_per_epoch())
         else:
             if self.dist.is_main:
-                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-                (self.ckpt_dir / WITH_BANK_FILE).unlink(missing_ok=True)  # an earlier run's
+                self.run_dir.metrics.unlink(missing_ok=True)
+                self.run_dir.with_bank_checkpoint.unlink(missing_ok=True)  # an earlier run's
             self.progress.start(0, self._batches_per_epoch())
             self.fill_banks()
         self.run_info.start_epoch = self.start_epoch
@@ -853,7 +766,7 @@ class Trainer:
                     metrics.update(self.evaluate())
                     self.progress.eval_done()
                 metrics.update(self.distiller.bank_stats())
-                metrics.update(self.step_mode_metrics())
+                metrics.update(self.step.metrics())
                 top1 = metrics.get("val/top1", -1.0)
                 is_best = top1 > self.best_top1
                 self.best_top1 = max(self.best_top1, top1)
@@ -920,13 +833,13 @@ class Trainer:
                 "wall_time_s": time.perf_counter() - start,
                 "world_size": self.dist.world_size,
                 "out_dir": str(self.out_dir),
-                "best_checkpoint": str(self.ckpt_dir / "best.pt"),
+                "best_checkpoint": str(self.run_dir.best_checkpoint),
             }
             if status != "completed" or resume_path is not None:
                 summary["resumed_from_epoch"] = self.run_info.start_epoch
             if self.dist.is_main:
                 try:
-                    atomic_write_json(self.out_dir / "result.json", summary)
+                    self.run_dir.write_result(summary)
                 except DiskWriteError as exc:
                     if status == "completed":
                         raise
@@ -958,5 +871,5 @@ class Trainer:
         if self.channels_last:
             batches = ((x.contiguous(memory_format=torch.channels_last), y, idx) for x, y, idx in batches)
         # Deterministic kernels for the pass: a resume rebuilds a frozen bank by running it again.
-        with self._autocast(), _deterministic_cudnn():
+        with self.step.autocast(), _deterministic_cudnn():
             self.distiller.fill_banks(batches)

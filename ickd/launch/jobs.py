@@ -15,6 +15,9 @@ from typing import Any
 from ickd.engine.progress import LIVE_STATUSES, combined_eta, eta_now, format_duration, read_progress
 from ickd.errors import ConfigError
 from ickd.launch.manifest import Launch
+from ickd.runs.rundir import RunDir
+from ickd.sweep.progress import study_eta
+from ickd.sweep.studies import StudyHandle
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "STOPPED", "SIGNALING", "STAGE_OUT"}
 # Ended without finishing its work: resubmit-failed picks these up.
@@ -106,14 +109,15 @@ def _run_progress(out_dir: str | None) -> dict[str, Any]:
     if not out_dir:
         return info
     folder = Path(out_dir)
-    metrics = folder / "metrics.jsonl"
+    run_dir = RunDir(folder)
+    metrics = run_dir.metrics
     if metrics.is_file():
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         if lines:
             info["epoch"] = lines[-1].get("epoch")
             info["best_top1"] = lines[-1].get("val/best_top1")  # the selection split: holdout if any, else test
             info["test_top1"] = lines[-1].get("test/top1")       # the latest epoch's test top-1 (shown beside it)
-    result = folder / "result.json"
+    result = run_dir.result
     if result.is_file():
         summary = json.loads(result.read_text())
         info["run_status"] = summary.get("status")
@@ -123,15 +127,13 @@ def _run_progress(out_dir: str | None) -> dict[str, Any]:
     if progress is not None:
         info["progress"] = progress
         info.setdefault("epochs", progress.get("epochs"))
-    events = folder / "events.jsonl"
+    events = run_dir.events
     if events.is_file():
         info["starts"] = sum(1 for x in events.read_text().splitlines() if '"event": "start"' in x)
     return info
 
 
 def _trials_by_job(launch: Launch) -> dict[str, list[Any]]:
-    from ickd.sweep.studies import StudyHandle
-
     handle = StudyHandle.load(launch.data["study"]["dir"])
     found: dict[str, list[Any]] = {}
     for t in handle.study().get_trials(deepcopy=False):
@@ -177,9 +179,6 @@ def launch_eta(launch: Launch, table: list[dict[str, Any]]) -> tuple[float | Non
     """(seconds, how) for the whole launch: :func:`ickd.engine.progress.combined_eta` over its runs
     (a study launch: over the study's trials, as `ickd sweep status` shows it)."""
     if launch.kind == "sweep":
-        from ickd.sweep.progress import study_eta
-        from ickd.sweep.studies import StudyHandle
-
         return study_eta(StudyHandle.load(launch.data["study"]["dir"]))
     running = [r["eta"] if isinstance(r["eta"], (int, float)) else None for r in table if r["state"] == "RUNNING" and r["eta"] != "done"]
     queued = sum(1 for r in table if r["eta"] != "done" and r["state"] != "RUNNING" and (r["state"] in ACTIVE or r["state"] == "UNSUBMITTED"))
@@ -238,7 +237,7 @@ def log_paths(launch: Launch, job_id: str) -> list[Path]:
     paths = sorted(launch.submitit_dir.glob(f"{job_id}_*_log.out")) + sorted(launch.submitit_dir.glob(f"{job_id}_*_log.err"))
     for entry in launch.jobs:
         if str(entry.get("job_id")) == job_id and entry.get("out_dir"):
-            child = Path(entry["out_dir"]) / "job.log"
+            child = RunDir(entry["out_dir"]).job_log
             if child.is_file():
                 paths.append(child)
     return paths

@@ -16,16 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ickd.engine.checkpoint import atomic_write_json
 from ickd.errors import ConfigError
+from ickd.runs.atomic import atomic_write_json
+from ickd.runs.roots import launches_root
 
 MANIFEST = "manifest.json"
 REPO = Path(__file__).resolve().parent.parent.parent
 SNAPSHOT_ITEMS = ("ickd", "configs", "sweeps", "pyproject.toml")
-
-
-def launches_root(root: str | os.PathLike | None = None) -> Path:
-    return Path(root or os.environ.get("ICKD_LAUNCHES") or "launches").resolve()
 
 
 def new_launch_name(kind: str) -> str:

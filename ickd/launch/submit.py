@@ -17,6 +17,8 @@ from ickd.launch.manifest import Launch, new_launch_name, snapshot_code
 from ickd.launch.profiles import Profile, check_against_cluster
 from ickd.launch.tasks import RunSpec, SweepTask, TrainTask, WorkerSpec
 from ickd.naming import launch_run_name, run_id
+from ickd.redaction import scrub_overrides
+from ickd.sweep.studies import StudyHandle
 
 log = logging.getLogger("ickd.launch")
 
@@ -28,8 +30,6 @@ def expand_grid(overrides: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as exc:  # Hydra's OverrideParseException; the message shows the offending text
-        from ickd.redaction import scrub_overrides
-
         shown, reason = scrub_overrides(list(overrides), str(exc))
         raise ConfigError(f"cannot parse overrides {shown}: {reason}") from exc
     axes: list[list[str]] = []
@@ -164,8 +164,6 @@ def launch_runs(kind: str, overrides: list[str], profile: Profile, name: str | N
 def launch_sweep(study: str, workers: int, profile: Profile, name: str | None = None, root: str | None = None, studies_root: str | None = None) -> Launch:
     """``ickd launch sweep STUDY --workers N``: one job array of study workers; each stops when the
     study's budget is used up. With ``trials_per_gpu`` each array task runs that many workers."""
-    from ickd.sweep.studies import StudyHandle
-
     handle = StudyHandle.load(study, studies_root)
     if workers < 1:
         raise ConfigError(f"--workers {workers}: need at least one worker")

@@ -21,8 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ickd.errors import IckdError
-from ickd.launch.preemption import EXIT_INTERRUPTED, REQUEUE_SIGNAL, PreemptionGuard, append_event
 from ickd.run_logging import FALLBACK_FORMAT, configure_run_logging
+from ickd.runs import slurm
+from ickd.runs.exits import EXIT_INTERRUPTED
+from ickd.runs.rundir import RunDir
+from ickd.runs.signals import REQUEUE_SIGNAL, PreemptionGuard, append_event
+from ickd.sweep.worker import raise_if_stopped_for_failures, run_worker
+from ickd.track.execute import run_training
+from ickd.track.wandb_logger import platform_tag
 
 log = logging.getLogger("ickd.launch")
 
@@ -63,8 +69,7 @@ def _checkpointable(task: Any, *args: Any, **kwargs: Any):
 
 def _export_distributed() -> None:
     """Multi-task jobs (DDP): torch.distributed's variables from the SLURM/submitit environment."""
-    ntasks = int(os.environ.get("SLURM_NTASKS") or os.environ.get("SUBMITIT_LOCAL_NTASKS") or 1)
-    if ntasks > 1 and "WORLD_SIZE" not in os.environ:
+    if slurm.ntasks() > 1 and "WORLD_SIZE" not in os.environ:
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -73,7 +78,7 @@ def _export_distributed() -> None:
 def limit_threads() -> None:
     """One intra-op thread pool per allocated CPU: torch would otherwise size its pool to the whole
     node and oversubscribe the CPUs it shares with other jobs (several times slower)."""
-    cpus = os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
+    cpus = os.environ.get("OMP_NUM_THREADS") or slurm.cpus_per_task()
     if cpus and cpus.isdigit():
         import torch
 
@@ -82,27 +87,21 @@ def limit_threads() -> None:
 
 def train_one(run: RunSpec, guard: PreemptionGuard) -> dict[str, Any]:
     """Train ``run`` in this process (resuming from its folder's newest checkpoint)."""
-    from ickd.config_store import compose_checked
-    from ickd.engine import train
-
     limit_threads()
     # The job's log gets exactly what `ickd train` prints (Hydra's job logging: stdout and
     # <run folder>/<stage>.log): epoch lines, progress lines (trainer.progress_interval_s), warnings.
     configure_run_logging([*run.overrides, f"name={run.name}"], run.out_dir)
-    done = Path(run.out_dir) / "result.json"
+    done = RunDir(run.out_dir).result
     if done.is_file() and json.loads(done.read_text()).get("status") == "completed":
         log.info("run %s already completed; nothing to do", run.name)
         return json.loads(done.read_text())
-    cfg = compose_checked([*run.overrides, f"name={run.name}"])  # a ConfigError naming the key, never a raw TypeError
     # W&B (logger=wandb among the overrides): the launch's run id, so a requeued job continues the
     # same W&B run; tagged launch:<name> and run:<index>; grouped by launch and typed by stage unless
     # the user set logger.group / logger.job_type.
-    from ickd.track import loggers_for, platform_tag, resolve_resume
-
-    cfg = resolve_resume(cfg, run.out_dir)  # trainer.resume=wandb:...: the artifact, downloaded into the run folder
     tags = [platform_tag("launch", run.launch), platform_tag("run", run.index)] if run.launch else [platform_tag("run", run.index)]
-    trackers = loggers_for(cfg, run.out_dir, run_id=run.run_id, group=run.launch, job_type=str(cfg.stage), tags=tags)
-    return train(cfg, run.out_dir, callbacks=[guard, *trackers])
+    # compose (a ConfigError naming the key, never a raw TypeError) -> resume artifact -> loggers -> train
+    return run_training([*run.overrides, f"name={run.name}"], run.out_dir, callbacks=[guard],
+                        tracking=lambda cfg: {"run_id": run.run_id, "group": run.launch, "job_type": str(cfg.stage), "tags": tags})
 
 
 class _Resubmittable:
@@ -133,7 +132,7 @@ class TrainTask(_Resubmittable):
                 )
             return summary
         children = [
-            ChildSpec([sys.executable, "-m", "ickd.launch.child", "run", run.to_json()], Path(run.out_dir) / "job.log", run.out_dir)
+            ChildSpec([sys.executable, "-m", "ickd.launch.child", "run", run.to_json()], RunDir(run.out_dir).job_log, run.out_dir)
             for run in self.runs
         ]
         return run_children(children, self.threads_per_run)
@@ -148,8 +147,6 @@ class SweepTask(_Resubmittable):
 
     def __call__(self) -> Any:
         if len(self.workers) == 1:
-            from ickd.sweep.worker import raise_if_stopped_for_failures, run_worker
-
             spec = self.workers[0]
             limit_threads()
             guard = PreemptionGuard().install()

@@ -43,28 +43,28 @@ Host synchronisation. Once every slot holds an entry (after the fill pass), ``re
 ``torch`` backend and ``update`` in M = N or FIFO mode never wait for the device (the EMA of mu and
 its "set" flag are device tensors); while the bank fills up, and for random subsets, a few small
 syncs happen per write. ``begin_fill``/``finish_fill``, ``num_valid`` and checkpointing may sync.
+
+Structure. :class:`MemoryBank` is the public facade (validation, timing, backend choice, storage
+tensors, checkpoints) over three parts: the slot policy (:mod:`ickd.memory.slots`: ``DirectSlots``,
+``RandomSubsetSlots``, ``FifoSlots``), the write rules (:mod:`ickd.memory.writes`: ``UpdateRule``,
+``FeatureTransform``) and the search (:mod:`ickd.memory.search`: ``BankSearch`` over a
+:class:`~ickd.memory.retrieval.Retriever` backend).
 """
 from __future__ import annotations
 
 import operator
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ickd import fastpath
 from ickd.errors import CheckpointError, ConfigError
-from ickd.memory.retrieval import (
-    Retriever,
-    SearchFilter,
-    TorchExactRetriever,
-    create_retriever,
-    pad_topk,
-    resolve_backend,
-)
+from ickd.memory.retrieval import Retriever, TorchExactRetriever, create_retriever, resolve_backend
+from ickd.memory.search import BankSearch, Neighbours
+from ickd.memory.slots import SlotPolicy, make_slots
+from ickd.memory.writes import FeatureTransform, UpdateRule
 
 __all__ = ["MemoryBank", "Neighbours", "SUBSETS", "UPDATES", "SPLITS", "TRANSFORMS", "RETRIEVALS"]
 
@@ -79,38 +79,6 @@ _STATE_VERSION = 2
 # Whitening adds this times the mean eigenvalue to every eigenvalue (memory.whiten_eps). 1e-2 keeps the
 # near-null directions of post-ReLU features from dominating (docs/method.md, "Feature transform").
 _WHITEN_EPS = 1e-2
-_CHUNK = 65536  # rows per step when finish_fill reads or rewrites the whole bank
-_NEG_INF = float("-inf")
-
-
-@dataclass
-class Neighbours:
-    """Retrieved in-context samples for a batch of B queries, K neighbours each, sorted by similarity.
-
-    For ``split="separate"`` the first k_pos columns are the same-class search and the last k_neg
-    the other-class search. Invalid columns (fewer than K eligible entries) have ``valid`` False,
-    ``sims`` 0, ``logits`` 0, ``labels`` and ``sample_indices`` -1, and are neither positive nor
-    negative.
-    """
-
-    sims: torch.Tensor  # (B, K) float32 cosine similarity in the bank's (transformed) feature space
-    logits: torch.Tensor  # (B, K, C) float32 teacher logits of the neighbours
-    labels: torch.Tensor  # (B, K) int64
-    sample_indices: torch.Tensor  # (B, K) int64
-    positive: torch.Tensor  # (B, K) bool: valid and same label as the query
-    valid: torch.Tensor  # (B, K) bool
-    all_valid: bool = False  # known on the host: every column is valid (no need to count them)
-
-    @property
-    def negative(self) -> torch.Tensor:
-        """(B, K) bool: valid and a different label from the query."""
-        return self.valid & ~self.positive
-
-    @property
-    def not_negative(self) -> torch.Tensor:
-        """(B, K) bool: ``~negative`` (same label, or not valid), in two ops instead of three."""
-        return self.positive | ~self.valid
-
 
 def _as_int(value: Any, key: str, fix: str) -> int:
     if isinstance(value, bool):
@@ -186,17 +154,13 @@ class _Timer:
         return self.total_ms / self.count if self.count else 0.0
 
 
-def _generator_seed(seed: int) -> int:
-    """The random-retrieval generator's seed: a stream of ``seed`` apart from the subset draw's."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, 0x2A4D]).generate_state(2, dtype=np.uint64)
-    return int(state[0]) & 0x7FFF_FFFF_FFFF_FFFF
-
-
 class MemoryBank:
     """Features, logits and labels of (a subset of) the training set, with k-NN retrieval.
 
     See the module docstring for slot layout, write rules and the feature transform,
-    ``docs/method.md`` for the method.
+    ``docs/method.md`` for the method. The bank is a facade over its slot policy (``slots``,
+    :mod:`ickd.memory.slots`), its write rules (:mod:`ickd.memory.writes`) and its search
+    (:mod:`ickd.memory.search`, over a :class:`~ickd.memory.retrieval.Retriever` backend).
     """
 
     def __init__(
@@ -266,54 +230,31 @@ class MemoryBank:
                 f"memory.whiten_eps={whiten_eps!r} must be a positive number (default {_WHITEN_EPS}); it is added, "
                 "times the mean eigenvalue, to every eigenvalue before whitening"
             )
-        self.whiten_eps = float(whiten_eps)
 
         self.num_samples, self.feature_dim, self.num_logits, self.size = n, d, c, m
-        self.subset, self.update_rule, self.momentum = subset, update, float(momentum)
-        self.feature_transform, self.center_momentum, self.retrieval = feature_transform, float(cm), retrieval
+        self.subset, self.retrieval = subset, retrieval
         self.feature_dtype = _resolve_dtype(feature_dtype)
         self.device = torch.device(device)
         self.seed = int(seed)
-        # "direct": slot = sample index. Otherwise the subset rule decides.
-        self.mode = "direct" if m == n else subset
 
         self.feats = torch.zeros(m, d, dtype=self.feature_dtype, device=self.device)
         self.logits = torch.zeros(m, c, dtype=torch.float32, device=self.device)
         self.labels = torch.full((m,), -1, dtype=torch.long, device=self.device)
         self.sample_idx = torch.full((m,), -1, dtype=torch.long, device=self.device)
-        self.subset_indices: torch.Tensor | None = None
-        # (N,) sample -> slot. Random subsets: fixed. FIFO: the slot of the sample's latest write,
-        # which still holds it only while sample_idx[slot] equals it (the ring may have moved on).
-        self.slot_of: torch.Tensor | None = None
-        if self.mode == "random":
-            gen = torch.Generator().manual_seed(self.seed)
-            chosen = torch.randperm(n, generator=gen)[:m].sort().values
-            self.subset_indices = chosen.to(self.device)
-            slot_of = torch.full((n,), -1, dtype=torch.long)
-            slot_of[chosen] = torch.arange(m)
-            self.slot_of = slot_of.to(self.device)
-        elif self.mode == "fifo":
-            self.slot_of = torch.full((n,), -1, dtype=torch.long, device=self.device)
-        self.fifo_ptr = 0
-        self.fifo_count = 0
-        # True once every slot holds an entry, for good (M = N and random subsets). FIFO banks never
-        # set it: re-writing a sample leaves a hole where its previous slot was.
+        # Which samples own which slots: "direct" (M = N), else the subset rule decides.
+        self.slots: SlotPolicy = make_slots(n, m, subset, self.seed, self.device)
+        # True once every slot holds an entry, for good (slots.fills_for_good: M = N and random
+        # subsets). FIFO banks never set it: re-writing a sample leaves a hole where its previous slot was.
         self._all_valid = False
 
-        # Feature transform state (module docstring). mu_set is a device flag so that the first
-        # online write can initialise mu without the host looking at it.
-        self.mu = torch.zeros(d, dtype=torch.float32, device=self.device)
-        self.mu_set = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._mu_known_set = False  # a host mirror of mu_set once it is known True (no sync to read)
-        self._all_true: dict[tuple[int, int], torch.Tensor] = {}  # (B, k) -> all-valid mask, reused
+        self._rule = UpdateRule(update, momentum)
+        self._xf = FeatureTransform(feature_transform, d, cm, whiten_eps, self.device)
         # (query tensor, its version, its L2-normalised rows) of the last retrieval: the step then
         # writes the same tensor, whose normalisation is not computed twice (``lean_bank``).
         self._unit_memo: tuple[torch.Tensor, int, torch.Tensor] | None = None
-        self.whiten: torch.Tensor | None = None  # (D, D) float32: T(v) = (v - mu) @ whiten
         self._in_fill_pass = False
 
-        self._gen = torch.Generator(device=self.device)
-        self._gen.manual_seed(_generator_seed(self.seed))
+        self._search = BankSearch(m, self.device, self.seed)
 
         # memory.backend=auto becomes a concrete backend here (it depends on M, D and the device);
         # backend_requested keeps what was asked for, backend_reason why this one runs.
@@ -335,6 +276,65 @@ class MemoryBank:
 
     # ------------------------------------------------------------------ properties
     @property
+    def mode(self) -> str:
+        """The slot layout: ``direct`` (M = N), ``random`` or ``fifo`` (read-only)."""
+        return self.slots.name
+
+    @property
+    def update_rule(self) -> str:
+        return self._rule.name
+
+    @property
+    def momentum(self) -> float:
+        return self._rule.momentum
+
+    @property
+    def feature_transform(self) -> str:
+        return self._xf.kind
+
+    @property
+    def center_momentum(self) -> float:
+        return self._xf.center_momentum
+
+    @property
+    def whiten_eps(self) -> float:
+        return self._xf.whiten_eps
+
+    @property
+    def mu(self) -> torch.Tensor:
+        """(D,) float32 mean of the bank's normalised, untransformed features (feature transform)."""
+        return self._xf.mu
+
+    @property
+    def mu_set(self) -> torch.Tensor:
+        """() bool device flag: ``mu`` holds a mean."""
+        return self._xf.mu_set
+
+    @property
+    def whiten(self) -> torch.Tensor | None:
+        """(D, D) float32 whitening of ``center_whiten`` (None before a fill pass ends)."""
+        return self._xf.whiten
+
+    @property
+    def subset_indices(self) -> torch.Tensor | None:
+        """The samples owning the slots of a random-subset bank (None otherwise)."""
+        return self.slots.subset_indices
+
+    @property
+    def slot_of(self) -> torch.Tensor | None:
+        """(N,) sample -> slot (random subsets: fixed; FIFO: the slot of the sample's latest write,
+        which still holds it only while ``sample_idx[slot]`` equals it); None for M = N."""
+        return self.slots.slot_of
+
+    @property
+    def fifo_ptr(self) -> int:
+        return self.slots.fifo_ptr
+
+    @property
+    def fifo_count(self) -> int:
+        return self.slots.fifo_count
+
+    @property
     def num_valid(self) -> int:
         """Number of slots holding an entry."""
         if self._all_valid:
@@ -349,10 +349,7 @@ class MemoryBank:
     @property
     def nbytes(self) -> int:
         """Bytes held by the bank's tensors and its retrieval backend."""
-        tensors = [
-            self.feats, self.logits, self.labels, self.sample_idx, self.subset_indices, self.slot_of,
-            self.mu, self.whiten,
-        ]
+        tensors = [self.feats, self.logits, self.labels, self.sample_idx, *self.slots.tensors, self.mu, self.whiten]
         own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return own + self.retriever.nbytes
 
@@ -364,8 +361,9 @@ class MemoryBank:
         is the sample index (M = N) qualifies."""
         if self.retriever.name != "torch":
             return f"backend {self.retriever.name!r} searches through the host; use memory.backend=torch"
-        if self.mode != "direct":
-            return f"a {self.mode} bank (memory.size < N) tracks its slots on the host"
+        blocker = self.slots.capture_blocker()
+        if blocker is not None:
+            return blocker
         if self._in_fill_pass:
             return "the bank's fill pass has not finished (finish_fill)"
         if not self._all_valid:
@@ -396,30 +394,7 @@ class MemoryBank:
     # ------------------------------------------------------------------ feature transform
     def _transform(self, v: torch.Tensor) -> torch.Tensor:
         """u = normalize(T(v)) for normalised float32 rows ``v`` (module docstring)."""
-        if self.feature_transform == "none":
-            return v
-        c = v - self.mu
-        if self.whiten is not None:
-            # In fp32 whatever the caller's autocast: the fill pass and the bank writes run inside
-            # the step's bf16 autocast, and a bf16 whitening of entries would not match the fp32
-            # whitening of the queries (retrieval runs with autocast off).
-            with torch.autocast(c.device.type, enabled=False):
-                c = c @ self.whiten
-        return F.normalize(c, dim=1)
-
-    def _track_mean(self, f: torch.Tensor) -> None:
-        """mu <- c*mu + (1-c)*mean(f), or mean(f) for the first batch (device ops only, no sync)."""
-        if self.feature_transform == "none":
-            return
-        batch_mean = f.mean(dim=0)
-        c = self.center_momentum
-        if self._mu_known_set and fastpath.enabled("lean_bank"):
-            # The same two products and sum, in place (4 ops, not 7); bit-identical.
-            self.mu.mul_(c).add_(batch_mean * (1.0 - c))
-            return
-        self.mu.copy_(torch.where(self.mu_set, c * self.mu + (1.0 - c) * batch_mean, batch_mean))
-        self.mu_set.fill_(True)
-        self._mu_known_set = True
+        return self._xf.apply(v)
 
     def _no_whitening_error(self) -> ConfigError:
         return ConfigError(
@@ -434,7 +409,7 @@ class MemoryBank:
                 f"memory bank {what} during a fill pass: call finish_fill() after the pass's fill() calls "
                 "(Distiller.fill_banks does) before retrieving or updating"
             )
-        if self.feature_transform == "center_whiten" and self.whiten is None:
+        if self._xf.needs_whitening:
             raise self._no_whitening_error()
 
     def begin_fill(self) -> None:
@@ -445,15 +420,8 @@ class MemoryBank:
             self.logits.zero_()
             self.labels.fill_(-1)
             self.sample_idx.fill_(-1)
-            if self.mode == "fifo":
-                assert self.slot_of is not None
-                self.slot_of.fill_(-1)
-            self.mu.zero_()
-            self.mu_set.fill_(False)
-        self._mu_known_set = False
-        self.whiten = None
-        self.fifo_ptr = 0
-        self.fifo_count = 0
+            self.slots.reset()
+        self._xf.reset()
         self._all_valid = False
         self._in_fill_pass = True
         self.retriever.on_reset()
@@ -468,44 +436,8 @@ class MemoryBank:
                 "fill() calls (Distiller.fill_banks does both)"
             )
         self._in_fill_pass = False
-        if self.feature_transform == "none":
-            return
-        rows = torch.nonzero(self.sample_idx >= 0).squeeze(1)
-        n = int(rows.numel())
-        if n == 0:
-            if self.feature_transform == "center_whiten":
-                raise ConfigError(
-                    "memory.feature_transform=center_whiten: the fill pass wrote no entries, so there is nothing "
-                    "to whiten; check the training set, or use memory.feature_transform=center"
-                )
-            return  # mu stays unset: the first write initialises it
-        chunks = rows.split(_CHUNK)
-        total = torch.zeros(self.feature_dim, dtype=torch.float64, device=self.device)
-        for ch in chunks:
-            total += self.feats[ch].double().sum(dim=0)
-        mu = total / n
-        if self.feature_transform == "center_whiten":
-            if n < 2:
-                raise ConfigError(
-                    f"memory.feature_transform=center_whiten needs at least 2 entries to estimate a covariance, "
-                    f"the fill pass wrote {n}; use memory.feature_transform=center"
-                )
-            cov = torch.zeros(self.feature_dim, self.feature_dim, dtype=torch.float64, device=self.device)
-            for ch in chunks:
-                x = self.feats[ch].double() - mu
-                cov += x.T @ x
-            cov /= n
-            evals, evecs = torch.linalg.eigh(cov)
-            evals = evals.clamp(min=0.0)
-            eps = self.whiten_eps * float(evals.mean()) or 1e-12  # all-equal entries: any tiny eps
-            # PCA whitening: coordinates along the eigenvectors, each scaled to unit variance.
-            self.whiten = (evecs * (evals + eps).rsqrt()).float()
-        self.mu.copy_(mu.float())
-        self.mu_set.fill_(True)
-        self._mu_known_set = True
-        for ch in chunks:
-            self.feats.index_copy_(0, ch, self._transform(self.feats[ch].float()).to(self.feature_dtype))
-        self.retriever.on_reset()
+        if self._xf.fit(self.feats, self.sample_idx, self.feature_dtype):
+            self.retriever.on_reset()
 
     # ------------------------------------------------------------------ writes
     def fill(self, indices: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -514,13 +446,13 @@ class MemoryBank:
 
     def update(self, indices: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Per-step update following the update rule (no-op when frozen)."""
-        if self.update_rule == "frozen":
+        if self._rule.frozen:
             return
         self._check_ready("update")
         # Range checks need the indices on the host; skip them for device tensors in the hot loop.
         self._write(
             indices, feats, logits, labels,
-            mix=self.update_rule == "momentum" and self.mode != "fifo",
+            mix=self._rule.mixes(self.slots.keeps_history),
             check_range=indices.device.type == "cpu",
         )
 
@@ -549,7 +481,7 @@ class MemoryBank:
         check_range: bool,
     ) -> None:
         self._check_batch(indices, feats, logits, labels)
-        if not self._in_fill_pass and self.feature_transform == "center_whiten" and self.whiten is None:
+        if not self._in_fill_pass and self._xf.needs_whitening:
             raise self._no_whitening_error()
         if indices.shape[0] == 0:
             return
@@ -570,46 +502,16 @@ class MemoryBank:
         z = logits.detach().to(dev, torch.float32)
         y = labels.detach().to(dev, torch.long)
 
-        if self.mode == "fifo":
-            m = self.size
-            if idx.shape[0] > m:  # only the most recent M of an oversized batch survive anyway
-                idx, f, z, y = idx[-m:], f[-m:], z[-m:], y[-m:]
-            b = idx.shape[0]
-            slots = (self.fifo_ptr + torch.arange(b, device=dev)) % m
-            self.fifo_ptr = (self.fifo_ptr + b) % m
-            self.fifo_count = min(m, self.fifo_count + b)
-            # One slot per sample: empty the previous slot of each written sample if it still holds
-            # that sample. min(current, -1) empties; min(current, LONG_MAX) keeps (no sync, and
-            # duplicate targets of clamped -1 lookups cannot race).
-            assert self.slot_of is not None
-            prev = self.slot_of[idx]
-            safe = prev.clamp(min=0)
-            stale = (prev >= 0) & (self.sample_idx[safe] == idx)
-            drop = torch.where(stale, torch.full_like(idx, -1), torch.full_like(idx, torch.iinfo(torch.long).max))
-            self.sample_idx.scatter_reduce_(0, safe, drop, reduce="amin")
-            self.labels.scatter_reduce_(0, safe, drop, reduce="amin")
-            self.slot_of.index_copy_(0, idx, slots)
-        else:
-            if self.mode == "direct":
-                slots = idx
-            else:
-                assert self.slot_of is not None
-                slots = self.slot_of[idx]
-                inside = slots >= 0  # samples outside the fixed subset are ignored
-                slots, idx, f, z, y = slots[inside], idx[inside], f[inside], z[inside], y[inside]
-                if slots.numel() == 0:
-                    return
+        placed = self.slots.place(idx, (f, z, y), self.sample_idx, self.labels)
+        if placed is None:
+            return
+        slots, idx, (f, z, y) = placed
 
         if not self._in_fill_pass:  # during a fill pass entries stay untransformed until finish_fill
-            self._track_mean(f)
-            f = self._transform(f)
+            self._xf.track_mean(f)
+            f = self._xf.apply(f)
         if mix:
-            m_ = self.momentum
-            had = (self.sample_idx[slots] == idx).unsqueeze(1)
-            mixed_f = F.normalize(m_ * self.feats[slots].float() + (1.0 - m_) * f, dim=1)
-            mixed_z = m_ * self.logits[slots] + (1.0 - m_) * z
-            f = torch.where(had, mixed_f, f)
-            z = torch.where(had, mixed_z, z)
+            f, z = self._rule.mix(slots, idx, f, z, self.feats, self.logits, self.sample_idx)
 
         self.feats.index_copy_(0, slots, f.to(self.feature_dtype))
         self.logits.index_copy_(0, slots, z)
@@ -618,7 +520,7 @@ class MemoryBank:
             # good: re-writing them changes nothing.
             self.labels.index_copy_(0, slots, y)
             self.sample_idx.index_copy_(0, slots, idx)
-        if not self._all_valid and self.mode != "fifo":
+        if not self._all_valid and self.slots.fills_for_good:
             # Validity never goes back to False here, so this sync stops once the bank is full.
             self._all_valid = bool((self.sample_idx >= 0).all())
         self.retriever.on_write(slots)
@@ -659,40 +561,16 @@ class MemoryBank:
 
     def _lean_full(self) -> bool:
         """``ickd.fastpath`` switch ``lean_bank`` applies: M = N, every slot filled, exact torch search."""
-        return (self._all_valid and self.mode == "direct" and fastpath.enabled("lean_bank")
+        return (self._all_valid and self.slots.index_addressed and fastpath.enabled("lean_bank")
                 and isinstance(self.retriever, TorchExactRetriever))
-
-    def _retrieve_full(self, q: torch.Tensor, k: int, ql: torch.Tensor, ex: torch.Tensor | None) -> Neighbours:
-        """k-NN in a full index-addressed bank (``_lean_full``): no slot is empty, each sample
-        holds exactly slot ``i``, and k < M, so after excluding the query's own slot every top-k
-        entry is valid and no result needs masking: the search, the self-exclusion as one scatter,
-        top-k, and two gathers. Same neighbours, similarities and order as the general path."""
-        with torch.autocast(q.device.type, enabled=False):
-            if self.feats.dtype in (torch.float16, torch.bfloat16) and self.feats.device.type == "cuda":
-                # Top-k straight on the half-precision similarities, no (B, M) fp32 copy: the values
-                # are exactly those of the copy the general path sorts (fp16 -> fp32 is exact); ties
-                # among equal values come out in torch.topk's order, the same in every run.
-                sims = q.to(self.feats.dtype) @ self.feats.T
-            else:
-                sims = q @ self.feats.T.float()
-            if ex is not None:
-                sims.scatter_(1, ex.unsqueeze(1), float("-inf"))
-            top, slots = sims.topk(k, dim=1, largest=True, sorted=True)
-        labels = self.labels[slots]
-        key = tuple(slots.shape)
-        valid = self._all_true.get(key)
-        if valid is None or valid.device != slots.device:
-            valid = self._all_true[key] = torch.ones(key, dtype=torch.bool, device=slots.device)
-        return Neighbours(sims=top.float(), logits=self.logits[slots], labels=labels, sample_indices=slots,
-                          positive=labels == ql.unsqueeze(1), valid=valid, all_valid=True)
 
     def _valid_mask(self) -> torch.Tensor | None:
         if self._all_valid:
             return None
-        if self.mode == "fifo" and self.fifo_count == self.size and not isinstance(self.retriever, TorchExactRetriever):
-            # Every slot has been written; the holes left by re-written samples have sample -1, which
-            # the host-side backends' post-filter (SearchFilter.allowed) drops. Passing None spares
-            # them a copy of the valid rows per search.
+        if self.slots.ring_full and not isinstance(self.retriever, TorchExactRetriever):
+            # Every slot of the FIFO ring has been written; the holes left by re-written samples have
+            # sample -1, which the host-side backends' post-filter (SearchFilter.allowed) drops.
+            # Passing None spares them a copy of the valid rows per search.
             return None
         return self.sample_idx >= 0
 
@@ -731,103 +609,19 @@ class MemoryBank:
                 f"{None if exclude_indices is None else tuple(exclude_indices.shape)} must both be ({b},)"
             )
         dev = self.device
+        dev = self.device
         token = self._timer.start(dev)
         unit = F.normalize(query_feats.detach().to(dev, torch.float32), dim=1)
         self._unit_memo = (query_feats, query_feats._version, unit) if fastpath.enabled("lean_bank") else None
-        q = self._transform(unit)
+        q = self._xf.apply(unit)
         ql = query_labels.detach().to(dev, torch.long)
         ex = None if exclude_indices is None else exclude_indices.detach().to(dev, torch.long)
         if split == "topk" and retrieval == "knn" and self._lean_full():
-            nb = self._retrieve_full(q, k, ql, ex)
-            self._timer.stop(dev, token)
-            return nb
-        ex_slots = None
-        if ex is not None and self.mode == "direct":
-            ex_slots = ex
-        elif ex is not None:
-            # Each sample holds at most one slot: a scatter is cheaper than a (B, M) compare.
-            assert self.slot_of is not None
-            s = self.slot_of[ex.clamp(0, self.num_samples - 1)]
-            holds = (s >= 0) & (self.sample_idx[s.clamp(min=0)] == ex)
-            ex_slots = torch.where(holds, s, torch.full_like(s, -1))
-        valid = self._valid_mask()
-
-        def make_filter(same: bool | None) -> SearchFilter:
-            return SearchFilter(
-                slot_samples=self.sample_idx,
-                slot_labels=self.labels,
-                exclude_samples=ex,
-                exclude_slots=ex_slots,
-                query_labels=ql,
-                same_label=same,
-            )
-
-        def search(count: int, same: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
-            # The bank's storage dtype decides the matmul precision, not the caller's autocast: a
-            # bf16 autocast would round the similarities to 8 bits and reorder near neighbours.
-            with torch.autocast(dev.type, enabled=False):
-                return self.retriever.search(q, self.feats, valid, count, make_filter(same))
-
-        if split == "topk":
-            sims, slots = search(k, None)
-            if retrieval == "random":
-                ok = slots >= 0
-                same = ok & (self.labels[slots.clamp(min=0)] == ql.unsqueeze(1))
-                n_pos, n_neg = same.sum(dim=1), (ok & ~same).sum(dim=1)
-                sp, lp = self._random_pick(q, k, n_pos, make_filter(True))
-                sn, ln = self._random_pick(q, k, n_neg, make_filter(False))
-                sims, slots = self._sorted(torch.cat([sp, sn], dim=1), torch.cat([lp, ln], dim=1), k)
+            nb = self._search.full(self, q, k, ql, ex)
         else:
-            assert k_pos is not None and k_neg is not None
-            if retrieval == "random":
-                sp, lp = self._random_pick(q, k_pos, torch.full_like(ql, k_pos), make_filter(True))
-                sn, ln = self._random_pick(q, k_neg, torch.full_like(ql, k_neg), make_filter(False))
-            else:
-                sp, lp = search(k_pos, True)
-                sn, ln = search(k_neg, False)
-            sims, slots = torch.cat([sp, sn], dim=1), torch.cat([lp, ln], dim=1)
-
-        ok = slots >= 0
-        safe = slots.clamp(min=0)
-        labels = torch.where(ok, self.labels[safe], torch.full_like(safe, -1))
-        nb = Neighbours(
-            sims=torch.where(ok, sims, torch.zeros_like(sims)),
-            logits=self.logits[safe] * ok.unsqueeze(-1),
-            labels=labels,
-            sample_indices=torch.where(ok, self.sample_idx[safe], torch.full_like(safe, -1)),
-            positive=ok & (labels == ql.unsqueeze(1)),
-            valid=ok,
-        )
+            nb = self._search.search(self, q, k, ql, ex, split, k_pos, k_neg, retrieval)
         self._timer.stop(dev, token)
         return nb
-
-    def _random_pick(
-        self, q: torch.Tensor, width: int, count: torch.Tensor, flt: SearchFilter
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``count[b]`` (<= width) distinct eligible slots per row drawn uniformly at random, sorted by
-        their true similarity to the query: (sims (B, width) with -inf, slots (B, width) with -1).
-
-        Random scores masked to the eligible slots, then top-k: uniform without replacement, on the
-        device, no host sync."""
-        scores = torch.rand(q.shape[0], self.size, generator=self._gen, device=self.device)
-        scores.masked_fill_((self.sample_idx < 0).unsqueeze(0), _NEG_INF)
-        flt.mask_dense_(scores)
-        top, slots = scores.topk(min(width, self.size), dim=1)
-        take = torch.isfinite(top) & (torch.arange(top.shape[1], device=self.device).unsqueeze(0) < count.unsqueeze(1))
-        safe = slots.clamp(min=0)
-        with torch.autocast(self.device.type, enabled=False):
-            sims = (self.feats[safe].float() * q.unsqueeze(1)).sum(dim=-1)
-        sims = torch.where(take, sims, torch.full_like(sims, _NEG_INF))
-        sims, slots = pad_topk(sims, slots, width)
-        return self._sorted(sims, slots, width)
-
-    @staticmethod
-    def _sorted(sims: torch.Tensor, slots: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``width`` best columns of each row by similarity, descending (missing: -inf / -1 last)."""
-        sims, order = sims.sort(dim=1, descending=True, stable=True)
-        slots = slots.gather(1, order)
-        sims, slots = sims[:, :width], slots[:, :width]
-        return sims, torch.where(torch.isfinite(sims), slots, torch.full_like(slots, -1))
 
     # ------------------------------------------------------------------ persistence
     def _geometry(self) -> dict[str, Any]:
@@ -849,16 +643,13 @@ class MemoryBank:
             "logits": self.logits,
             "labels": self.labels,
             "sample_idx": self.sample_idx,
-            "subset_indices": self.subset_indices,
-            "slot_of": self.slot_of if self.mode == "fifo" else None,
-            "fifo_ptr": self.fifo_ptr,
-            "fifo_count": self.fifo_count,
+            **self.slots.state_dict(),  # subset_indices, slot_of, fifo_ptr, fifo_count
             "feature_transform": self.feature_transform,
             "mu": self.mu,
             "mu_set": self.mu_set,
             "whiten": self.whiten,
             "in_fill_pass": self._in_fill_pass,
-            "generator": self._gen.get_state(),
+            "generator": self._search.gen.get_state(),
             "retrieval_ms_total": self._timer.resolved_total_ms(),
             "retrievals": self._timer.count,
             "retriever_name": self.retriever_name,
@@ -900,36 +691,15 @@ class MemoryBank:
             self.logits.copy_(sd["logits"].to(self.device))
             self.labels.copy_(sd["labels"].to(self.device))
             self.sample_idx.copy_(sd["sample_idx"].to(self.device))
-            if version == 1:
-                self.mu.zero_()
-                self.mu_set.fill_(False)
-            else:
-                self.mu.copy_(sd["mu"].to(self.device, torch.float32))
-                self.mu_set.copy_(sd["mu_set"].to(self.device, torch.bool))
-        self._mu_known_set = bool(self.mu_set)  # one read at load time
-        whiten = None if version == 1 else sd.get("whiten")
-        self.whiten = None if whiten is None else whiten.to(self.device, torch.float32)
+        if version == 1:
+            self._xf.load(None, None, None)
+        else:
+            self._xf.load(sd["mu"], sd["mu_set"], sd.get("whiten"))
         self._in_fill_pass = bool(sd.get("in_fill_pass", False))
         if "generator" in sd:
-            self._gen.set_state(sd["generator"].cpu())
-        if self.mode == "random":
-            # The checkpoint's subset wins over this bank's seed: resume must address the same slots.
-            chosen = sd["subset_indices"].to(self.device, torch.long)
-            self.subset_indices = chosen
-            slot_of = torch.full((self.num_samples,), -1, dtype=torch.long, device=self.device)
-            slot_of[chosen] = torch.arange(self.size, device=self.device)
-            self.slot_of = slot_of
-        self.fifo_ptr = int(sd["fifo_ptr"])
-        self.fifo_count = int(sd["fifo_count"])
-        if self.mode == "fifo":
-            assert self.slot_of is not None
-            if sd.get("slot_of") is not None:
-                self.slot_of.copy_(sd["slot_of"].to(self.device, torch.long))
-            else:
-                self._dedupe_fifo()
-            self._all_valid = False
-        else:
-            self._all_valid = bool((self.sample_idx >= 0).all())
+            self._search.gen.set_state(sd["generator"].cpu())
+        self.slots.load_state_dict(sd, self.sample_idx, self.labels)
+        self._all_valid = self.slots.fills_for_good and bool((self.sample_idx >= 0).all())
         self._timer = _Timer()
         self._timer.total_ms = float(sd.get("retrieval_ms_total", 0.0))
         self._timer.count = int(sd.get("retrievals", 0))
@@ -937,23 +707,3 @@ class MemoryBank:
             self.retriever.load_state_dict(sd.get("retriever", {}))
         else:  # backend changed on resume (allowed): rebuild its state from the restored content
             self.retriever.on_reset()
-
-    def _dedupe_fifo(self) -> None:
-        """Rebuild ``slot_of`` of a FIFO bank saved without one (version 1), keeping only each
-        sample's most recent slot (older copies are emptied, as a write would have done)."""
-        assert self.slot_of is not None
-        m = self.size
-        samples = self.sample_idx.cpu().numpy()
-        newest_first = (self.fifo_ptr - 1 - np.arange(m)) % m
-        order_samples = samples[newest_first]
-        present = order_samples >= 0
-        keep_slots = np.zeros(m, dtype=bool)
-        _, first = np.unique(order_samples[present], return_index=True)
-        keep_slots[newest_first[np.flatnonzero(present)[first]]] = True
-        drop = torch.from_numpy(np.flatnonzero((samples >= 0) & ~keep_slots)).to(self.device)
-        with torch.no_grad():
-            self.sample_idx[drop] = -1
-            self.labels[drop] = -1
-            self.slot_of.fill_(-1)
-            kept = torch.from_numpy(np.flatnonzero(keep_slots)).to(self.device)
-            self.slot_of[self.sample_idx[kept]] = kept

@@ -22,5 +22,6 @@ from ickd.models import (  # noqa: E402,F401  (imported for registration side ef
     imagenet_mobilenetv1,
 )
 from ickd.models.checkpoint import load_pretrained
+from ickd.models.features import FEATURE_KEYS, forward_features, has_stage_features
 
-__all__ = ["MODELS", "create_model", "list_models", "load_pretrained"]
+__all__ = ["FEATURE_KEYS", "MODELS", "create_model", "forward_features", "has_stage_features", "list_models", "load_pretrained"]

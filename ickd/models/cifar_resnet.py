@@ -43,10 +43,15 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_preact(x)[0]
+
+    def forward_preact(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(output, the output before its final ReLU)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        pre = out + shortcut
+        return F.relu(pre), pre
 
 
 class CifarResNet(nn.Module):
@@ -86,6 +91,23 @@ class CifarResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(feat), feat
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, dict]:
+        """Logits and the feature dict (ickd.models.FEATURE_KEYS): ``stages`` = [stem, layer1, layer2,
+        layer3] outputs, ``preact`` = the same before their last ReLU (mdistiller's feats /
+        preact_feats), ``pooled``. Same ops as :meth:`forward`."""
+        pre = self.bn1(self.conv1(x))
+        x = F.relu(pre)
+        stages, preact = [x], [pre]
+        for layer in (self.layer1, self.layer2, self.layer3):
+            *head, last = list(layer)
+            for block in head:
+                x = block(x)
+            x, pre = last.forward_preact(x)
+            stages.append(x)
+            preact.append(pre)
+        feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(feat), {"pooled": feat, "stages": stages, "preact": preact}
 
 
 def _register(name: str, depth: int, default_widths: tuple[int, int, int, int]) -> None:

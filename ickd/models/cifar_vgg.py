@@ -83,6 +83,21 @@ class CifarVGG(nn.Module):
         feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.classifier(feat), feat
 
+    def forward_features(self, x: Tensor) -> tuple[Tensor, dict]:
+        """Logits and the feature dict: ``stages`` = the five blocks' activated outputs (before
+        pooling), ``preact`` the same before their ReLU (mdistiller's VGG feats), ``pooled``."""
+        large_input = x.shape[2] >= 64
+        stages, preact = [], []
+        for i, block in enumerate((self.block0, self.block1, self.block2, self.block3, self.block4)):
+            if i in (1, 2, 3) or (i == 4 and large_input):
+                x = F.max_pool2d(x, 2)
+            pre = block(x)
+            x = F.relu(pre)
+            stages.append(x)
+            preact.append(pre)
+        feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.classifier(feat), {"pooled": feat, "stages": stages, "preact": preact}
+
 
 def _register(name: str) -> None:
     cfg = _CFGS[name]

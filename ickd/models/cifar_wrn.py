@@ -90,6 +90,18 @@ class WideResNet(nn.Module):
         feat = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(feat), feat
 
+    def forward_features(self, x: Tensor) -> tuple[Tensor, dict]:
+        """Logits and the feature dict: ``stages`` = [conv1, block1, block2, relu(bn1(block3))]
+        outputs (pre-activation blocks: the first three are pre-activation already), ``preact`` the
+        same with ``bn1(block3)`` last (mdistiller's WRN feats / preact_feats), ``pooled``."""
+        f0 = self.conv1(x)
+        f1 = self.block1(f0)
+        f2 = self.block2(f1)
+        pre = self.bn1(self.block3(f2))
+        f3 = F.relu(pre)
+        feat = torch.flatten(F.adaptive_avg_pool2d(f3, 1), 1)
+        return self.fc(feat), {"pooled": feat, "stages": [f0, f1, f2, f3], "preact": [f0, f1, f2, pre]}
+
 
 def _register(depth: int, widen: int) -> None:
     name = f"wrn_{depth}_{widen}"

@@ -17,6 +17,7 @@ from ickd.cli_args import add_global
 from ickd.errors import ConfigError, IckdError
 from ickd.engine.progress import format_duration
 from ickd.sweep.progress import FINISHED, study_eta_of, trial_eta
+from ickd.sweep.reader import best_trial, trial_counts
 from ickd.sweep.reaper import reap
 from ickd.sweep.space import params_to_overrides
 from ickd.sweep.spec import load_spec
@@ -24,26 +25,6 @@ from ickd.sweep.storage import dashboard_storage
 from ickd.sweep.studies import StudyHandle
 
 log = logging.getLogger("ickd.sweep")
-
-
-def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """Trials by state name, with budget-skipped trials counted apart as SKIPPED."""
-    counts = {s.name: 0 for s in TrialState}
-    skipped = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("skipped"):
-            skipped += 1
-        else:
-            counts[t.state.name] += 1
-    counts["SKIPPED"] = skipped
-    return counts
-
-
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 def cmd_create(args: argparse.Namespace) -> None:

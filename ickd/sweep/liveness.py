@@ -6,7 +6,7 @@ import socket
 import time
 from pathlib import Path
 
-from ickd.naming import slurm_job_id
+from ickd.runs import slurm
 
 
 def hostname() -> str:
@@ -30,7 +30,7 @@ def worker_identity() -> dict[str, object]:
     pid = os.getpid()
     return {
         "worker_host": hostname(), "worker_pid": pid, "worker_start": process_start_ticks(pid), "heartbeat_at": time.time(),
-        "worker_job": slurm_job_id(), "suspended_at": None,
+        "worker_job": slurm.job_id(), "suspended_at": None,
     }
 
 

@@ -26,6 +26,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 
+from ickd.config_store import compose_checked
+from ickd.errors import ConfigError
 from ickd.resources import shipped_path
 from ickd.sweep.space import SpecError, grid_values, parse_dimensions, parse_override
 from ickd.sweep.storage import has_password, password_refusal
@@ -169,9 +171,6 @@ class StudySpec:
         """``ickd sweep create``: the base overrides compose and validate (types, unknown keys,
         choices: ickd.config_schema), every space key exists, and the base composed with the space's
         bounds and choices validates too, so a bad bound fails now instead of at some trial."""
-        from ickd.config_store import compose_checked
-        from ickd.errors import ConfigError
-
         self.validate_against(compose_checked(self.base))
         for point in self.bound_points():
             try:

@@ -18,6 +18,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
 from ickd.errors import ConfigError
+from ickd.runs.atomic import atomic_write_bytes
 from ickd.redaction import is_secret_query_name, redact_text, url_password_in
 
 JOURNAL_FILE = "journal.log"
@@ -176,8 +177,6 @@ def repair_journal(path: str | os.PathLike) -> int:
                 f.flush()
                 os.fsync(f.fileno())
         else:
-            from ickd.engine.checkpoint import atomic_write_bytes
-
             atomic_write_bytes(path, repaired)
         log.warning(
             "repaired the study journal %s: cut %d byte(s) of a torn write (a full disk or a crash while "

@@ -17,16 +17,14 @@ from typing import Any
 import optuna
 import yaml
 
-from ickd.engine.checkpoint import atomic_write_text
 from ickd.errors import ConfigError
+from ickd.redaction import redact_argv
+from ickd.runs.atomic import atomic_write_text
+from ickd.runs.roots import studies_root  # noqa: F401  (sweep's callers find the root here)
 from ickd.sweep.spec import StudySpec, load_spec
 from ickd.sweep.storage import open_storage, redact
 
 SPEC_FILE = "study.yaml"
-
-
-def studies_root(root: str | os.PathLike | None = None) -> Path:
-    return Path(root or os.environ.get("ICKD_STUDIES") or "studies")
 
 
 def resolve_study_dir(study: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
@@ -138,8 +136,6 @@ def describe_study(study: optuna.Study, spec: StudySpec) -> None:
     """What optuna-dashboard and ``optuna.load_study`` users see without study.yaml: the objective's
     name as the study's metric name (not "Objective 0"), and user attrs ``objective`` (metric, mode,
     direction), ``direction``, ``base_overrides`` (secrets hidden), ``spec_name`` and ``spec_hash``."""
-    from ickd.redaction import redact_argv
-
     with warnings.catch_warnings():  # set_metric_names is marked experimental (since Optuna 3.2)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([spec.objective.metric])

@@ -19,17 +19,20 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ickd.config_store import compose_checked
-from ickd.engine import Callback, RunInfo, train
-from ickd.engine.checkpoint import atomic_write_json
+from ickd.engine import Callback, RunInfo
 from ickd.errors import IckdError, NonFiniteLossError, TrialsFailedError
 from ickd.naming import run_id, trial_run_name
+from ickd.runs.atomic import atomic_write_json
+from ickd.runs.exits import EXIT_INTERRUPTED
+from ickd.runs.rundir import RunDir
+from ickd.runs.signals import PreemptionGuard
 from ickd.sweep.liveness import worker_identity
 from ickd.sweep.reaper import enqueue_retry, reap
 from ickd.sweep.space import params_to_overrides
 from ickd.sweep.storage import uses_heartbeats
 from ickd.sweep.studies import StudyHandle
-from ickd.track import loggers_for, platform_tag, resolve_resume
+from ickd.track.execute import run_training
+from ickd.track.wandb_logger import platform_tag
 
 log = logging.getLogger("ickd.sweep")
 
@@ -53,7 +56,7 @@ class TrialCallback(Callback):
     def on_run_start(self, run: RunInfo) -> None:
         # A retried trial resumes from its checkpoint: re-report the epochs already done so the
         # pruner compares it on equal terms.
-        metrics = Path(run.out_dir) / "metrics.jsonl"
+        metrics = RunDir(run.out_dir).metrics
         if run.start_epoch > 0 and metrics.is_file():
             for line in metrics.read_text().splitlines():
                 self.history.append(json.loads(line))
@@ -226,19 +229,19 @@ def run_trial(handle: StudyHandle, study: optuna.Study, trial: optuna.Trial, sto
     callback = TrialCallback(trial, handle, stop)
     log.info("trial %d: %s -> %s", trial.number, " ".join(params_to_overrides(trial.params)), run_dir)
     try:
-        config = resolve_resume(compose_checked(overrides), run_dir)  # trainer.resume=wandb:... in base
+        # compose -> resume artifact (trainer.resume=wandb:... in base) -> loggers -> train.
         # W&B (logger=wandb in the study's base overrides): one W&B run per trial, its id the trial's
         # run id (a retry continues it), named <study>-t<first trial>, tagged study:<name> and
         # trial:<first trial>; grouped by study and typed "trial" unless the user set logger.group /
         # logger.job_type. Its path is kept on the trial.
-        trackers = loggers_for(
-            config, run_dir, run_id=wandb_id, group=spec.name, job_type="trial",
-            tags=[platform_tag("study", spec.name), platform_tag("trial", first)],
-            extra={"study": spec.name, "trial": trial.number, "first_trial": first, "params": dict(trial.params)},
-            on_init=lambda path: trial.set_user_attr("wandb_run_path", path),
-        )
-        with Heartbeat(study, trial._trial_id, float(spec.heartbeat.get("interval_s", 30))):
-            summary = train(config, run_dir, callbacks=[callback, *([guard] if guard else []), *trackers])
+        tracking = {
+            "run_id": wandb_id, "group": spec.name, "job_type": "trial",
+            "tags": [platform_tag("study", spec.name), platform_tag("trial", first)],
+            "extra": {"study": spec.name, "trial": trial.number, "first_trial": first, "params": dict(trial.params)},
+            "on_init": lambda path: trial.set_user_attr("wandb_run_path", path),
+        }
+        summary = run_training(overrides, run_dir, callbacks=[callback, *([guard] if guard else [])], tracking=tracking,
+                               context=Heartbeat(study, trial._trial_id, float(spec.heartbeat.get("interval_s", 30))))
     except Exception as exc:  # the worker goes on with the next trial
         reason = f"non-finite loss: {exc}" if isinstance(exc, NonFiniteLossError) else f"{type(exc).__name__}: {exc}"
         trial.set_user_attr("fail_reason", reason)
@@ -367,8 +370,6 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     guard = None
     if args.state_file:
-        from ickd.launch.preemption import PreemptionGuard
-
         guard = PreemptionGuard().install()
     try:
         counts = run_worker(args.study, args.root, args.index, args.max_trials, guard=guard, state_file=args.state_file)
@@ -383,8 +384,6 @@ def main(argv: list[str] | None = None) -> None:
             log.error("%s", exc)
             sys.exit(1)
     if interrupted:
-        from ickd.launch.preemption import EXIT_INTERRUPTED
-
         sys.exit(EXIT_INTERRUPTED if SUSPENDED in counts or guard.requeue_requested else 0)
 
 

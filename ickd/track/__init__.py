@@ -1,4 +1,5 @@
-"""Tracking and reporting: W&B logging and sync, study reports (local HTML and W&B)."""
+"""Tracking: the W&B logger (a trainer callback), resuming from W&B artifacts, offline sync, and the
+one helper that runs compose -> loggers -> train (``ickd.track.execute``). Reports moved to ickd.report."""
 
 # W&B tracking (ickd/track/wandb_logger.py). Looked up lazily so importing ickd.track (e.g. for the
 # reports) loads neither the trainer nor wandb; wandb itself is imported only when a run starts.

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ickd.errors import ConfigError
+from ickd.runs.atomic import atomic_write_text
+from ickd.runs.rundir import RunDir
 
 log = logging.getLogger("ickd.track")
 
 PREFIX = "wandb:"
 CHECKPOINT_TYPE = "checkpoint"
-DOWNLOAD_DIR = Path("checkpoints") / "wandb"
 _PART = r"[A-Za-z0-9_.\-]+"
 _REF = re.compile(rf"^(?:(?:(?P<entity>{_PART})/)?(?P<project>{_PART})/)?(?P<name>{_PART})(?::(?P<alias>{_PART}))?$")
 _COMPLETE = ".complete"
@@ -92,7 +93,7 @@ def _select(cfg: Any, key: str) -> Any:
 
 
 def _checkpoint_in(folder: Path, ref: str) -> Path:
-    candidates = [folder / "last.pt"] + sorted(p for p in folder.rglob("*.pt") if p.name != "last.pt")
+    candidates = [folder / RunDir.LAST] + sorted(p for p in folder.rglob("*.pt") if p.name != RunDir.LAST)
     for path in candidates:
         if path.is_file():
             return path
@@ -101,15 +102,15 @@ def _checkpoint_in(folder: Path, ref: str) -> Path:
 
 def _continue_wandb_run(out_dir: Path, metadata: Mapping[str, Any]) -> None:
     """Let the W&B logger continue the run the checkpoint came from (unless the folder has one)."""
-    from ickd.engine.checkpoint import atomic_write_text
-    from ickd.track.wandb_logger import LAST_EPOCH_FILE, RUN_ID_FILE, _VALID_ID
+    from ickd.track.wandb_logger import _VALID_ID  # same layer; wandb_logger imports this module's callers
 
     run_id, epoch = metadata.get("run_id"), metadata.get("epoch")
-    if not isinstance(run_id, str) or not _VALID_ID.match(run_id) or (out_dir / RUN_ID_FILE).exists():
+    run_dir = RunDir(out_dir)
+    if not isinstance(run_id, str) or not _VALID_ID.match(run_id) or run_dir.wandb_run_id.exists():
         return
-    atomic_write_text(out_dir / RUN_ID_FILE, run_id + "\n")
+    atomic_write_text(run_dir.wandb_run_id, run_id + "\n")
     if isinstance(epoch, int):  # W&B already has the epochs up to the checkpoint's
-        atomic_write_text(out_dir / LAST_EPOCH_FILE, f"{epoch}\n")
+        atomic_write_text(run_dir.wandb_last_epoch, f"{epoch}\n")
 
 
 def resolve_resume(cfg: Any, out_dir: str | os.PathLike, api: Callable[[], Any] | None = None, wait_s: float = 900.0) -> Any:
@@ -122,13 +123,13 @@ def resolve_resume(cfg: Any, out_dir: str | os.PathLike, api: Callable[[], Any] 
     if not is_artifact_ref(value):
         return cfg
     out = Path(out_dir)
-    own = out / "checkpoints" / "last.pt"
+    own = RunDir(out).last_checkpoint
     if own.is_file():
         log.info("trainer.resume=%s: %s has its own, newer checkpoint %s; resuming from that", value, out, own)
         return _with_resume(cfg, "auto")
     logger = _select(cfg, "logger")
     ref = artifact_path(value, logger if isinstance(logger, Mapping) else None)
-    folder = out / DOWNLOAD_DIR / re.sub(r"[^A-Za-z0-9_.\-]+", "_", ref)
+    folder = RunDir(out).downloads / re.sub(r"[^A-Za-z0-9_.\-]+", "_", ref)
     done = folder / _COMPLETE
     if int(os.environ.get("RANK") or 0) > 0:
         end = time.time() + wait_s
@@ -150,8 +151,6 @@ def resolve_resume(cfg: Any, out_dir: str | os.PathLike, api: Callable[[], Any] 
         folder.mkdir(parents=True, exist_ok=True)
         artifact.download(root=str(folder))
         metadata = dict(getattr(artifact, "metadata", None) or {})
-        from ickd.engine.checkpoint import atomic_write_text
-
         atomic_write_text(done, json.dumps({"artifact": ref, "metadata": metadata}, sort_keys=True) + "\n")
         _continue_wandb_run(out, metadata)
     path = _checkpoint_in(folder, ref)

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ickd.runs.roots import launches_root, studies_root
+
 SYNCED_SUFFIX = ".wandb.synced"
 
 
@@ -54,19 +56,7 @@ def resolve_path(path: str) -> Path:
     direct = Path(path)
     if direct.exists():
         return direct
-    candidates = []
-    try:
-        from ickd.launch.manifest import launches_root
-
-        candidates.append(launches_root() / path)
-    except Exception:  # launching is optional here
-        pass
-    try:
-        from ickd.sweep.studies import studies_root
-
-        candidates.append(Path(studies_root()) / path)
-    except Exception:
-        pass
+    candidates = [launches_root() / path, studies_root() / path]
     for candidate in candidates:
         if candidate.exists():
             return candidate

@@ -27,15 +27,18 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlparse
 
 from ickd.engine.callbacks import Callback, RunInfo
-from ickd.engine.checkpoint import atomic_write_text
+from ickd.engine.run import to_container
 from ickd.errors import ConfigError
+from ickd.runs import slurm
+from ickd.runs.atomic import atomic_write_text
+from ickd.runs.rundir import RunDir
 from ickd.naming import slug
 from ickd.redaction import REDACTED, is_secret_key, redact, redact_argv, redact_value  # noqa: F401 (re-exported)
 
 log = logging.getLogger("ickd.track")
 
-RUN_ID_FILE = "wandb_run_id"
-LAST_EPOCH_FILE = "wandb_last_epoch"
+RUN_ID_FILE = RunDir.WANDB_RUN_ID  # the file names are RunDir's
+LAST_EPOCH_FILE = RunDir.WANDB_LAST_EPOCH
 MODES = ("online", "offline", "disabled")
 _ENV_MODE_ALIASES = {"dryrun": "offline", "run": "online", "shared": "online"}
 DEFAULT_HOST = "https://api.wandb.ai"
@@ -134,13 +137,6 @@ def git_commit(out_dir: Path) -> str | None:
     return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
-def slurm_ids(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = os.environ if env is None else env
-    keys = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id", "SLURM_ARRAY_TASK_ID": "slurm.array_task_id",
-            "SLURM_RESTART_COUNT": "slurm.restart_count"}
-    return {name: env[k] for k, name in keys.items() if env.get(k)}
-
-
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float | int]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -205,7 +201,7 @@ class WandbLogger(Callback):
 
     def _config(self, run: RunInfo) -> dict[str, Any]:
         config = flatten(redact(run.config))
-        extra = {"run.name": run.name, "run.stage": run.stage, "run.out_dir": str(run.out_dir), **slurm_ids()}
+        extra = {"run.name": run.name, "run.stage": run.stage, "run.out_dir": str(run.out_dir), **slurm.tracker_ids()}
         commit = git_commit(run.out_dir)
         if commit:
             extra["git.commit"] = commit
@@ -246,7 +242,7 @@ class WandbLogger(Callback):
         self._run_path = "/".join(p for p in (self.entity or getattr(self.run, "entity", None) or None, self.project, self.run_id) if p)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
-        log.info("W&B run %s (%s) in %s", self.run_path, mode, self.out_dir / "wandb")
+        log.info("W&B run %s (%s) in %s", self.run_path, mode, RunDir(self.out_dir).wandb_dir)
         self._backfill(run)
         if self.on_init is not None and self.run_path:
             self.on_init(self.run_path)
@@ -254,7 +250,7 @@ class WandbLogger(Callback):
     def _backfill(self, run: RunInfo) -> None:
         """Epochs in the run's metrics file (rewritten from the checkpoint on resume) that W&B has
         not seen yet, e.g. when the job died between the checkpoint and the log call."""
-        metrics = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        metrics = RunDir(self.out_dir).metrics if self.out_dir else None
         if run.start_epoch <= self.last_epoch or metrics is None or not metrics.is_file():
             return
         for line in metrics.read_text().splitlines():
@@ -348,7 +344,7 @@ class WandbLogger(Callback):
             self.run = None
 
     def _total_time(self) -> float | None:
-        path = self.out_dir / "metrics.jsonl" if self.out_dir else None
+        path = RunDir(self.out_dir).metrics if self.out_dir else None
         if path is None or not path.is_file():
             return None
         total = 0.0
@@ -363,8 +359,6 @@ class WandbLogger(Callback):
 # --- from the run config ----------------------------------------------------------------------
 
 def logger_section(config: Mapping[str, Any]) -> dict[str, Any]:
-    from ickd.engine.run import to_container
-
     section = to_container(config).get("logger") or {}
     if isinstance(section, str):  # logger=wandb given as a plain value somewhere
         section = {"name": section}

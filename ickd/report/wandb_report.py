@@ -16,6 +16,7 @@ import os
 from typing import Any, Mapping
 
 from ickd.errors import IckdError
+from ickd.report.compare import format_table
 
 
 class WandbReportError(IckdError):
@@ -68,7 +69,6 @@ def _compare_markdown(summary: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(data, dict) or not data.get("rows"):
         return None
-    from ickd.sweep.compare import format_table
 
     return "## Comparison over seeds\n\n" + format_table(data)
 
@@ -155,7 +155,7 @@ def report_from_spec(spec: Mapping[str, Any]):
 
 
 def build_wandb_report(study_summary: Mapping[str, Any], project: str, entity: str | None = None, group: str | None = None):
-    """The study's W&B report (not saved). ``study_summary`` is ``ickd.track.report.study_summary``."""
+    """The study's W&B report (not saved). ``study_summary`` is ``ickd.report.study.study_summary``."""
     return report_from_spec(wandb_report_spec(study_summary, project, entity, group))
 
 

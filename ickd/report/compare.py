@@ -42,7 +42,7 @@ folder (the study's ``ickd report`` then shows the comparison too).
 
 Python::
 
-    from ickd.sweep.compare import compare, plan_study, plan_from_rows, run_local, summarise, format_table, write_outputs
+    from ickd.report.compare import compare, plan_study, plan_from_rows, run_local, summarise, format_table, write_outputs
     plan = plan_study("fmnist_ickd", baselines=["ce", "kd", "kd_matched"], seeds=3)
     run_local(plan, workers=2)
     summary = summarise(plan, protocol="final")
@@ -67,9 +67,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ickd.engine.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+import yaml
+from omegaconf import OmegaConf
+
+from ickd.config_store import compose_run_config, config_dir
+from ickd.engine.trainer import config_differences, format_differences
 from ickd.errors import ConfigError, IckdError
+from ickd.launch.jobs import ACTIVE, job_states
+from ickd.launch.manifest import Launch
+from ickd.launch.profiles import Profile, load_profile
+from ickd.launch.submit import _chunks, _prepare, _submit
+from ickd.launch.tasks import RunSpec, TrainTask
 from ickd.naming import run_id, slug
+from ickd.runs.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ickd.runs.rundir import RunDir
+from ickd.sweep.cli import threads_per_worker
+from ickd.sweep.reader import StudyReader
+from ickd.sweep.studies import StudyHandle
 
 log = logging.getLogger("ickd.compare")
 
@@ -176,7 +190,7 @@ class Plan:
         before = {r.get("label"): r.get("overrides") for r in saved.get("rows", []) if isinstance(r, dict)}
         for row in self.rows:
             old = before.get(row.label)
-            started = [p for p in (self.out_dir / row.slug).glob("seed-*") if (p / "config.yaml").exists() or (p / "metrics.jsonl").exists()]
+            started = [p for p in (self.out_dir / row.slug).glob("seed-*") if RunDir(p).config.exists() or RunDir(p).metrics.exists()]
             if old is not None and old != row.overrides and started:
                 changed = sorted(set(row.overrides) ^ set(old))
                 raise ConfigError(
@@ -206,14 +220,10 @@ def without_distill(overrides: Iterable[str]) -> list[str]:
 
 
 def available_methods() -> list[str]:
-    from ickd.config_store import config_dir
-
     return sorted(p.stem for p in (config_dir() / "distill").glob("*.yaml"))
 
 
 def _compose(label: str, overrides: list[str]):
-    from ickd.config_store import compose_run_config
-
     try:
         return compose_run_config(overrides)
     except IckdError:
@@ -226,25 +236,31 @@ def _compose(label: str, overrides: list[str]):
 
 
 def _study_best(handle) -> tuple[Any, list[str]]:
-    from ickd.sweep.cli import best_trial
-    from ickd.sweep.space import params_to_overrides
-
-    best = best_trial(handle.study())
+    """The study's best trial and its params as overrides (without the study's base)."""
+    reader = StudyReader.open(handle)
+    best = reader.best()
     if best is None:
         raise ConfigError(
-            f"study {handle.name!r} has no completed trial yet: run `ickd sweep run {handle.name}` (or wait for its workers), "
+            f"study {reader.name!r} has no completed trial yet: run `ickd sweep run {reader.name}` (or wait for its workers), "
             "then compare"
         )
-    return best, params_to_overrides(best.params)
+    return best, reader.overrides(best.params)[len(reader.spec.base):]
 
 
 def parse_baselines(spec: str | Sequence[str]) -> list[tuple[str, str | None]]:
-    """``"ce,kd=STUDY2"`` (or a list) -> [("ce", None), ("kd", "STUDY2")]."""
+    """``"ce,kd=STUDY2,crd:distill.nce_k=4096"`` (or a list) -> [("ce", None), ("kd", "STUDY2"),
+    ("crd:distill.nce_k=4096", None)]. ``NAME:OVERRIDE[;OVERRIDE...]`` is the recipe of ``NAME`` with
+    overrides of its own (e.g. CRD's negatives on a small training set); the whole item is its label."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[tuple[str, str | None]] = []
     for item in items:
         item = item.strip()
         if not item:
+            continue
+        if ":" in item:
+            if any(n == item for n, _ in out):
+                raise ConfigError(f"--baselines names {item!r} twice")
+            out.append((item, None))
             continue
         name, _, study = item.partition("=")
         name, study = name.strip(), study.strip() or None
@@ -267,8 +283,6 @@ def plan_rows(
 
     ``handle``: a :class:`ickd.sweep.studies.StudyHandle` (or a study name/folder, found under ``root``).
     """
-    from ickd.sweep.studies import StudyHandle
-
     if not isinstance(handle, StudyHandle):
         handle = StudyHandle.load(handle, root)
     extra = list(overrides)
@@ -276,7 +290,7 @@ def plan_rows(
     parsed = parse_baselines(baselines)
     known = available_methods()
     for name, other in parsed:  # checked before anything else: a typo should not wait for a study
-        if other is None and name not in known:
+        if other is None and name.partition(":")[0] not in known:
             raise ConfigError(
                 f"unknown baseline {name!r}: the distill configs are {', '.join(known)} (configs/distill/*.yaml); "
                 "or give NAME=STUDY to use another study's best params"
@@ -302,7 +316,10 @@ def plan_rows(
                       f"{parts['nicd_weight']:g} = {weight:g}, ce_weight = {ce:g} (of {TUNED_LABEL})")
             rows.append(Row(name, [*without_distill(base), "distill=kd_matched", f"distill.kd_weight={weight:.10g}", f"distill.ce_weight={ce:.10g}", *extra], "baseline", source))
         else:
-            rows.append(Row(name, [*without_distill(base), f"distill={name}", *extra], "baseline", "recipe (configs/distill)"))
+            method, _, own = name.partition(":")
+            own_overrides = [o.strip() for o in own.split(";") if o.strip()]
+            source = "recipe (configs/distill)" + (f" with {', '.join(own_overrides)}" if own_overrides else "")
+            rows.append(Row(name, [*without_distill(base), f"distill={method}", *own_overrides, *extra], "baseline", source))
     if default:
         rows.append(Row(DEFAULT_LABEL, [*without_distill(base), "distill=ickd", *extra], "ickd-default", "IC-KD defaults (configs/distill/ickd.yaml)"))
     params_text = " ".join(params) or "no searched params"
@@ -358,14 +375,9 @@ def _check_existing_runs(row: Row, entries: list[RunEntry], cfg) -> None:
     """Refuse to reuse run folders trained under another config than the row's today (changed
     defaults, config files or code): their numbers would describe another method. Same rule as a
     resume (``ickd.engine.trainer.config_differences``: only run-neutral keys may differ)."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    from ickd.engine.trainer import config_differences, format_differences
-
     current = OmegaConf.to_container(cfg, resolve=True)
     for entry in entries:
-        saved_file = entry.out_dir / "config.yaml"
+        saved_file = RunDir(entry.out_dir).config
         if not saved_file.is_file():
             continue
         saved = yaml.safe_load(saved_file.read_text()) or {}
@@ -393,8 +405,6 @@ def plan_study(
     command: str | None = None,
 ) -> Plan:
     """The comparison of a study (a name, a folder or a StudyHandle): rows, seeds and run folders."""
-    from ickd.sweep.studies import StudyHandle
-
     handle = study if isinstance(study, StudyHandle) else StudyHandle.load(study, root)
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: need at least 1 seed (2 or more for a confidence interval)")
@@ -468,20 +478,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a crash mid-write
-            continue
-        if isinstance(item, dict):
-            out.append(item)
-    return out
-
-
 def _num(x: Any) -> float | None:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
         return None
@@ -492,8 +488,9 @@ def read_run(out_dir: str | os.PathLike) -> dict[str, Any]:
     """A run folder's numbers: status, holdout top-1 (best epoch), test top-1 (last epoch and best
     epoch), epochs and wall time. Metrics come from metrics.jsonl; result.json fills gaps."""
     folder = Path(out_dir)
-    result = _read_json(folder / "result.json")
-    history = _read_lines(folder / "metrics.jsonl")
+    run = RunDir(folder)
+    result = run.read_result() or {}
+    history = run.read_metrics()
     has_holdout = any("holdout/top1" in m for m in history) or result.get("selection_split") == "holdout"
     # Runs without dataset.holdout have no test/top1: their val/top1 is the test split.
     test_key = "test/top1" if any("test/top1" in m for m in history) else (None if has_holdout else "val/top1")
@@ -510,7 +507,7 @@ def read_run(out_dir: str | os.PathLike) -> dict[str, Any]:
     wall = _num(result.get("wall_time_s"))
     if "resumed_from_epoch" in result or wall is None:  # a resumed run's wall time covers its last start only
         wall = max(wall or 0.0, epoch_time) or None
-    status = result.get("status") or ("started" if history or (folder / "checkpoints" / "last.pt").exists() else "pending")
+    status = result.get("status") or ("started" if history or run.last_checkpoint.exists() else "pending")
     return {
         "status": status,
         "completed": status == "completed",
@@ -533,9 +530,6 @@ def queued_runs(plan: Plan) -> dict[str, str]:
     submitted = _submitted(plan.out_dir)
     if not submitted:
         return {}
-    from ickd.launch.jobs import ACTIVE, job_states
-    from ickd.launch.manifest import Launch
-
     held: dict[str, str] = {}
     launches: dict[str, Any] = {}
     for folder, info in submitted.items():
@@ -601,8 +595,6 @@ def run_local(
         return {}
     from tqdm.auto import tqdm
 
-    from ickd.sweep.cli import threads_per_worker
-
     bar = tqdm(total=total, initial=total - len(todo) - len(held), desc="compare", unit="run",
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
     say = echo or bar.write
@@ -610,7 +602,7 @@ def run_local(
     # N processes each using every core oversubscribe the CPU; OpenMP's spin-waiting then makes
     # small-batch training many times slower (see ickd.sweep.cli._spawn_worker).
     env.setdefault("OMP_NUM_THREADS", str(threads_per_worker(workers)))
-    say(f"compare: {len(todo)} of {total} runs to train with {workers} local worker(s)" + (f", {len(held)} held by launched jobs" if held else "") + f"; run logs in {plan.out_dir}/<row>/seed-<s>/train.log")
+    say(f"compare: {len(todo)} of {total} runs to train with {workers} local worker(s)" + (f", {len(held)} held by launched jobs" if held else "") + f"; run logs in {plan.out_dir}/<row>/seed-<s>/{RunDir.TRAIN_LOG}")
     queue = list(todo)
     running: list[tuple[RunEntry, subprocess.Popen]] = []
     codes: dict[str, int] = {}
@@ -619,7 +611,7 @@ def run_local(
             while queue and len(running) < workers:
                 entry = queue.pop(0)
                 entry.out_dir.mkdir(parents=True, exist_ok=True)
-                with open(entry.out_dir / "train.log", "ab") as logf:  # the child keeps its own copy of the fd
+                with open(RunDir(entry.out_dir).train_log, "ab") as logf:  # the child keeps its own copy of the fd
                     # Own session: a Ctrl-C reaches us once, and we stop the children ourselves.
                     proc = subprocess.Popen(entry.train_command(), stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 running.append((entry, proc))
@@ -634,7 +626,7 @@ def run_local(
                 if code == 0 and info["completed"]:
                     say(_run_line(entry, info))
                 else:
-                    say(f"{entry.row} seed {entry.seed}: FAILED (exit {code}, status {info['status']}); log: {entry.out_dir / 'train.log'}")
+                    say(f"{entry.row} seed {entry.seed}: FAILED (exit {code}, status {info['status']}); log: {RunDir(entry.out_dir).train_log}")
                 bar.update(1)
     except KeyboardInterrupt:
         say("\nstopping the runs (their checkpoints stay; run the same command again to resume)...")
@@ -660,10 +652,6 @@ def submit_runs(plan: Plan, profile, *, name: str | None = None, root: str | os.
     """Submit the plan's unfinished runs as one job array through the launch layer (manifest, code
     snapshot, preemption-safe TrainTasks), with each run's folder in the comparison folder. Returns
     the Launch, or None when nothing is left to run."""
-    from ickd.launch.profiles import Profile, load_profile
-    from ickd.launch.submit import _chunks, _prepare, _submit
-    from ickd.launch.tasks import RunSpec, TrainTask
-
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     todo = pending_runs(plan)
     if not todo:
@@ -1071,7 +1059,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwritten: {', '.join(str(p) for p in paths.values())}")
     failed = [] if args.profile else [k for k, c in codes.items() if c != 0]
     if failed:
-        print(f"{len(failed)} run(s) failed; see train.log in: {', '.join(failed)}", file=sys.stderr)
+        print(f"{len(failed)} run(s) failed; see {RunDir.TRAIN_LOG} in: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -5,11 +5,14 @@ process is doing. ickd's guard takes the signal instead, lets the trainer finish
 a mid-epoch checkpoint, and only then hands over to submitit's handler (captured at install time),
 which requeues the job. SIGTERM (``scancel``, a bare ``scontrol requeue``) also gets a checkpoint
 but no requeue from us: SLURM decides what happens next, and every start resumes from disk anyway.
-Every step is appended to ``events.jsonl`` in the run folder: the preemption timeline.
+Every step is appended to the run folder's events file (``RunDir.events``): the preemption timeline.
+
+Neutral (below the core): the guard implements the trainer's callback protocol
+(:class:`ickd.engine.Callback`'s methods) without importing the engine; the trainer only calls
+those methods.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -19,34 +22,26 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ickd.engine.callbacks import Callback, RunInfo
-from ickd.naming import slurm_job_id
+import ickd
+from ickd.runs import slurm
+from ickd.runs.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 REQUEUE_SIGNAL = signal.SIGUSR2
-# A packed child exits with this code when it stopped for a signal and wants to run again.
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL
 
 
 def slurm_context() -> dict[str, Any]:
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
-    return {"job_id": slurm_job_id(), "restart_count": restarts, "host": os.uname().nodename, "pid": os.getpid()}
+    return {"job_id": slurm.job_id(), "restart_count": slurm.restart_count(), "host": os.uname().nodename, "pid": os.getpid()}
 
 
 def append_event(folder: str | os.PathLike | None, event: str, **fields: Any) -> None:
     if folder is None:
         return
-    path = Path(folder) / "events.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"event": event, "t": time.time(), **slurm_context(), **fields}
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    RunDir(folder).append_event({"event": event, "t": time.time(), **slurm_context(), **fields})
 
 
-class PreemptionGuard(Callback):
+class PreemptionGuard:
     """Install in the process that trains; pass to ``train(..., callbacks=[guard])``."""
 
     def __init__(self, signals: tuple[int, ...] = (REQUEUE_SIGNAL, signal.SIGTERM)) -> None:
@@ -84,10 +79,9 @@ class PreemptionGuard(Callback):
         return signal.Signals(self.signum).name if self.signum is not None else None
 
     # --- trainer callback -----------------------------------------------------------------------
-    def on_run_start(self, run: RunInfo) -> None:
+    def on_run_start(self, run: Any) -> None:
         self.out_dir = Path(run.out_dir)
-        import ickd  # which code this start runs: the launch's snapshot, not a later edit of the checkout
-
+        # code: which code this start runs (the launch's snapshot, not a later edit of the checkout)
         append_event(self.out_dir, "start", epoch=run.start_epoch, batch=int(run.extra.get("start_batch", 0)), code=str(Path(ickd.__file__).parent))
         self._flush_signals()
 
@@ -98,6 +92,12 @@ class PreemptionGuard(Callback):
 
     def interrupt_requested(self) -> bool:
         return self.signum is not None
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
 
     def on_checkpoint(self, path: Path, epoch: int) -> None:
         if self.signum is not None:

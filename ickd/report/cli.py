@@ -30,20 +30,20 @@ def main(argv: list[str]) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from ickd.sweep.studies import StudyHandle
-    from ickd.track.report import study_summary, write_local_report
+    # Same layer, imported here so `ickd report --help` loads neither optuna's plots nor torch.
+    from ickd.report.study import StudyReader, study_summary, write_local_report
 
     try:
-        handle = StudyHandle.load(args.study, args.root)
-        path = write_local_report(handle, args.out, baselines=args.baselines)
+        reader = StudyReader.open(args.study, args.root)
+        path = write_local_report(reader, args.out, baselines=args.baselines)
         print(f"report: {path}")
         if args.wandb:
             import os
 
-            from ickd.track.wandb_report import publish_wandb_report
+            from ickd.report.wandb_report import publish_wandb_report
 
             project = args.project or os.environ.get("WANDB_PROJECT") or "ickd"
-            url = publish_wandb_report(study_summary(handle), project, args.entity or os.environ.get("WANDB_ENTITY"), local_hint=str(path))
+            url = publish_wandb_report(study_summary(reader), project, args.entity or os.environ.get("WANDB_ENTITY"), local_hint=str(path))
             print(f"W&B report: {url}")
     except FileNotFoundError as exc:
         print(f"ickd report: {exc}", file=sys.stderr)

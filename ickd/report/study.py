@@ -19,12 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import optuna
-import yaml
-from optuna.trial import FrozenTrial, TrialState
+import optuna  # noqa: F401  (the reports read Optuna studies)
+from optuna.trial import TrialState
 
-from ickd.engine.checkpoint import atomic_write_text
-from ickd.sweep.space import params_to_overrides
+from ickd.report.compare import table_rows
+from ickd.runs.atomic import atomic_write_text
+from ickd.runs.rundir import RunDir
+from ickd.sweep.reader import StudyReader
 from ickd.sweep.studies import StudyHandle
 
 log = logging.getLogger("ickd.track")
@@ -46,30 +47,10 @@ SETUP_KEYS = ("dataset.name", "dataset.holdout", "student.name", "teacher.name",
 # data
 
 
-def _read_json_lines(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash mid-write: skip it, keep the rest
-            continue
-    return out
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -83,20 +64,6 @@ def _select(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _counts(study: optuna.Study) -> dict[str, int]:
-    from ickd.sweep.cli import trial_counts  # the same numbers `ickd sweep status` prints
-
-    return {k: v for k, v in trial_counts(study).items() if v}
-
-
-def _best(study: optuna.Study) -> FrozenTrial | None:
-    from ickd.sweep.cli import best_trial
-
-    return best_trial(study)
-
-
-def _trials(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("skipped")]
 
 
 def _number(value: Any) -> float | None:
@@ -114,7 +81,7 @@ def split_numbers(run_dir: str | os.PathLike | None) -> dict[str, Any]:
     out: dict[str, Any] = {"selection": None, "holdout_top1": None, "test_top1": None, "best_test_top1": None}
     if not run_dir:
         return out
-    history = _read_json_lines(Path(run_dir) / "metrics.jsonl")
+    history = RunDir(run_dir).read_metrics()
     if history:
         test_key = "test/top1" if any("test/top1" in m for m in history) else "val/top1"  # old runs: val was test
         best, at = -1.0, None
@@ -127,7 +94,7 @@ def split_numbers(run_dir: str | os.PathLike | None) -> dict[str, Any]:
         out.update(selection="holdout" if holdout else "test", holdout_top1=max(holdout) if holdout else None,
                    test_top1=at, best_test_top1=max(tests) if tests else None)
         return out
-    result = _read_json(Path(run_dir) / "result.json")
+    result = RunDir(run_dir).read_result()
     if result:
         old = "selection_split" not in result
         out.update(
@@ -139,27 +106,27 @@ def split_numbers(run_dir: str | os.PathLike | None) -> dict[str, Any]:
     return out
 
 
-def study_summary(handle: StudyHandle, study: optuna.Study | None = None) -> dict[str, Any]:
+def study_summary(study: StudyReader | StudyHandle | str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """The study's facts as plain data (JSON-safe): the local and the W&B report both start here."""
-    study = study or handle.study()
-    spec = handle.spec
-    complete = [t for t in _trials(study) if t.state == TrialState.COMPLETE and t.value is not None]
-    best = _best(study)
+    reader = StudyReader.open(study, root)
+    spec = reader.spec
+    complete = [t for t in reader.trials() if t.state == TrialState.COMPLETE and t.value is not None]
+    best = reader.best()
     summary: dict[str, Any] = {
         "name": spec.name,
-        "folder": str(handle.dir),
-        "storage": handle.storage_label,  # redacted: never a password
+        "folder": str(reader.folder),
+        "storage": reader.storage_label,  # redacted: never a password
         "objective": {"metric": spec.objective.metric, "mode": spec.objective.mode, "direction": spec.objective.direction},
         "n_trials": spec.n_trials,
         "space": dict(spec.raw_space),
         "base": list(spec.base),
-        "counts": _counts(study),
+        "counts": reader.counts(),  # the same numbers `ickd sweep status` prints
         "n_complete": len(complete),
         "median": statistics.median(t.value for t in complete) if complete else None,
         "best": None,
     }
     if best is not None:
-        overrides = [*spec.base, *params_to_overrides(best.params)]
+        overrides = reader.overrides(best.params)
         summary["best"] = {
             "number": best.number,
             "value": best.value,
@@ -172,11 +139,11 @@ def study_summary(handle: StudyHandle, study: optuna.Study | None = None) -> dic
     return summary
 
 
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+def trial_rows(reader: StudyReader) -> list[dict[str, Any]]:
     rows = []
-    for t in _trials(study):
+    for t in reader.trials():
         run_dir = t.user_attrs.get("run_dir")
-        epochs = len(_read_json_lines(Path(run_dir) / "metrics.jsonl")) if run_dir else 0
+        epochs = len(RunDir(run_dir).read_metrics()) if run_dir else 0
         rows.append({
             "number": t.number,
             "state": t.state.name.lower(),
@@ -192,7 +159,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def discover_baselines(paths: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()) -> list[Path]:
-    """Run folders among ``paths``: each path is a run folder (config.yaml + result.json) or a folder
+    """Run folders among ``paths``: each path is a run folder (a config and a result) or a folder
     whose direct children are run folders. Raises FileNotFoundError for a path that is neither."""
     skip = {Path(p).resolve() for p in exclude}
     found: list[Path] = []
@@ -204,7 +171,7 @@ def discover_baselines(paths: Iterable[str | os.PathLike], exclude: Iterable[str
             candidates = sorted(p for p in path.iterdir() if _is_run_dir(p))
             if not candidates:
                 raise FileNotFoundError(
-                    f"--baselines {path}: no run folder there (a run folder holds config.yaml and result.json); "
+                    f"--baselines {path}: no run folder there (a run folder holds {RunDir.CONFIG} and {RunDir.RESULT}); "
                     "pass run folders or the folder that contains them"
                 )
         else:
@@ -216,19 +183,20 @@ def discover_baselines(paths: Iterable[str | os.PathLike], exclude: Iterable[str
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "result.json").is_file()
+    run = RunDir(path)
+    return run.config.is_file() and run.result.is_file()
 
 
 def baseline_rows(run_dirs: Iterable[Path], best_run_dir: str | None) -> list[dict[str, Any]]:
     """The study's best trial first, then each baseline, with the setup keys that differ from it."""
-    reference = _read_yaml(Path(best_run_dir) / "config.yaml") if best_run_dir else {}
+    reference = RunDir(best_run_dir).read_config() if best_run_dir else {}
     rows = []
     if best_run_dir:
-        result = _read_json(Path(best_run_dir) / "result.json")
+        result = RunDir(best_run_dir).read_result() or {}
         rows.append(_run_row("study best", Path(best_run_dir), reference, result, reference))
     for run_dir in run_dirs:
-        config = _read_yaml(run_dir / "config.yaml")
-        rows.append(_run_row("baseline", run_dir, config, _read_json(run_dir / "result.json"), reference))
+        run = RunDir(run_dir)
+        rows.append(_run_row("baseline", run_dir, run.read_config(), run.read_result() or {}, reference))
     return rows
 
 
@@ -263,15 +231,16 @@ def _quiet(fn, *args, **kwargs):
             return f"{fn.__name__} could not draw this study: {type(exc).__name__}: {exc}"
 
 
-def _figures(handle: StudyHandle, study: optuna.Study, summary: Mapping[str, Any]) -> dict[str, Any]:
+def _figures(reader: StudyReader, summary: Mapping[str, Any]) -> dict[str, Any]:
     """Figure id -> plotly Figure, or a str: the note shown instead."""
     import plotly.graph_objects as go
     from optuna import visualization as vis
 
+    study = reader.study()
     metric = summary["objective"]["metric"]
-    complete = [t for t in _trials(study) if t.state == TrialState.COMPLETE and t.value is not None]
+    complete = [t for t in reader.trials() if t.state == TrialState.COMPLETE and t.value is not None]
     # Only parameters some completed trial has (Optuna raises for unknown ones, e.g. after a space edit).
-    params = [p for p in handle.spec.space if any(p in t.params for t in complete)]
+    params = [p for p in reader.spec.space if any(p in t.params for t in complete)]
     out: dict[str, Any] = {}
     none = f"no completed trial yet ({_state_text(summary['counts'])}): nothing to plot"
     if not complete:
@@ -292,7 +261,7 @@ def _figures(handle: StudyHandle, study: optuna.Study, summary: Mapping[str, Any
     top = sorted(complete, key=lambda t: t.value, reverse=reverse)[:TOP_CURVES]
     curves = go.Figure()
     for t in top:
-        history = _read_json_lines(Path(t.user_attrs.get("run_dir", "")) / "metrics.jsonl") if t.user_attrs.get("run_dir") else []
+        history = RunDir(t.user_attrs["run_dir"]).read_metrics() if t.user_attrs.get("run_dir") else []
         points = [(m["epoch"], m[metric]) for m in history if "epoch" in m and isinstance(m.get(metric), (int, float))]
         if not points:
             continue
@@ -302,7 +271,7 @@ def _figures(handle: StudyHandle, study: optuna.Study, summary: Mapping[str, Any
         curves.update_layout(title=f"{metric} per epoch, top {len(curves.data)} trials by objective", xaxis_title="epoch", yaxis_title=metric)
         out["fig-curves"] = curves
     else:
-        out["fig-curves"] = f"no metrics.jsonl with {metric} found in the completed trials' run folders"
+        out["fig-curves"] = f"no {RunDir.METRICS} with {metric} found in the completed trials' run folders"
     return out
 
 
@@ -456,8 +425,6 @@ def _compare_html(folder: str | os.PathLike) -> str:
     data = _read_json(Path(folder) / "compare.json")
     if not data.get("rows"):
         return ""
-    from ickd.sweep.compare import table_rows
-
     headers, body = table_rows(data)
     table = _table([h.replace("[95% CI]", f"[{data.get('ci_method', 'Welch t, 95%')}]") for h in headers],
                    [[_td(c, num=i > 0) for i, c in enumerate(cells)] for cells in body], "compare-table")
@@ -501,7 +468,7 @@ def render_html(summary: Mapping[str, Any], figures: Mapping[str, Any], trials: 
 
 
 def write_local_report(
-    study: str | os.PathLike | StudyHandle,
+    study: str | os.PathLike | StudyHandle | StudyReader,
     out_path: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     baselines: Iterable[str | os.PathLike] = (),
@@ -511,17 +478,16 @@ def write_local_report(
     ``baselines``: run folders, or folders of run folders, of the same experiment (CE/KD/DKD runs)
     to compare with the best trial.
     """
-    handle = study if isinstance(study, StudyHandle) else StudyHandle.load(study, root)
-    optuna_study = handle.study()
-    summary = study_summary(handle, optuna_study)
-    trials = trial_rows(optuna_study)
+    reader = StudyReader.open(study, root)
+    summary = study_summary(reader)
+    trials = trial_rows(reader)
     own = [r["run_dir"] for r in trials if r["run_dir"]]
     runs = discover_baselines(baselines, exclude=own)
     best_dir = summary["best"]["run_dir"] if summary["best"] else None
     rows = baseline_rows(runs, best_dir)
-    figures = _figures(handle, optuna_study, summary)
-    text = render_html(summary, figures, trials, rows, list(handle.spec.space))
-    out = Path(out_path) if out_path else handle.dir / "report.html"
+    figures = _figures(reader, summary)
+    text = render_html(summary, figures, trials, rows, list(reader.spec.space))
+    out = Path(out_path) if out_path else reader.folder / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)  # mode 0666 minus the umask, like any new file of the user
     return out
