@@ -209,3 +209,19 @@ def test_add_a_method_from_a_module_outside_the_package(tmp_path, teacher_dir):
     assert {"train/ce", "train/mse"} <= set(last)
     state = torch.load(folder / "checkpoints" / "last.pt", weights_only=False)["distiller"]
     assert float(state["method"]["log_scale"]) != 0.0  # the method's parameter trained
+
+
+# --- paradigms decide from their class, not their name ----------------------------------------------
+@pytest.mark.parametrize("paradigm", ["online", "teacher_free"])
+def test_a_paradigm_whose_bank_source_trains_refuses_a_frozen_bank_and_a_fill_pass_transform(paradigm):
+    from ickd.distill import PARADIGMS, build_distiller
+    from ickd.distill.context import build_bank
+
+    assert PARADIGMS.get(paradigm).source_trains and not PARADIGMS.get("offline").source_trains
+    with pytest.raises(ConfigError, match="would freeze the first epoch"):
+        build_distiller(compose_config("distill=ickd", f"paradigm={paradigm}", "memory.update=frozen"), 10, 3, 256, torch.device("cpu"))
+    cfg = compose_config("distill=ickd", f"paradigm={paradigm}", "memory.feature_transform=center_whiten")
+    with pytest.raises(ConfigError, match="computes its whitening once"):
+        build_bank(cfg, 256, 64, 10, torch.device("cpu"), 0)
+    offline = compose_config("distill=ickd", "memory.feature_transform=center_whiten")
+    assert build_bank(offline, 256, 64, 10, torch.device("cpu"), 0).feature_transform == "center_whiten"

@@ -35,7 +35,7 @@ def build_distiller(cfg: Mapping[str, Any], num_classes: int, in_channels: int, 
         raise ConfigError(f"stage={stage!r} is not valid; use stage=student (distil a student) or stage=teacher (train a teacher with CE)")
     paradigm = str(cfg["paradigm"]["name"])
     cls = PARADIGMS.get(paradigm)  # clear error listing valid paradigms
-    if method_class(cfg["distill"]).needs_bank and paradigm != "offline" and str(cfg["memory"]["update"]) == "frozen":
+    if method_class(cfg["distill"]).needs_bank and cls.source_trains and str(cfg["memory"]["update"]) == "frozen":
         # Online and teacher-free banks are filled during the first epoch by networks that are still
         # training: freezing them would keep near-random early outputs for the whole run.
         raise ConfigError(

@@ -15,7 +15,11 @@ from ickd.errors import ConfigError
 from ickd.memory import MemoryBank, Neighbours
 from ickd.methods import Method, MethodContext, create_method
 from ickd.models import create_model, load_pretrained
+from ickd.registry import Registry
 from ickd.runs.rundir import RunDir
+
+#: Paradigm name -> Distiller class (ickd/distill/paradigms.py registers them).
+PARADIGMS: Registry[type] = Registry("paradigm")
 
 
 @dataclass
@@ -77,8 +81,8 @@ def build_bank(
     mem = cfg["memory"]
     transform = str(mem["feature_transform"])
     if fill_pass is None:
-        paradigm = str(cfg["paradigm"]["name"])
-        fill_pass = paradigm == "offline" and str(mem["fill"]) == "pass"
+        # Only a paradigm whose bank source is a trained, frozen network can fill the bank in one pass.
+        fill_pass = not PARADIGMS.get(str(cfg["paradigm"]["name"])).source_trains and str(mem["fill"]) == "pass"
     if transform == "auto":
         # Whitening needs the whole bank once (a fill pass); banks filled online are only centred.
         transform = "center_whiten" if fill_pass else "center"

@@ -14,14 +14,12 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ickd import fastpath
-from ickd.distill.context import BuildContext, RetrievalSpec, build_teacher
+from ickd.distill.context import PARADIGMS, BuildContext, RetrievalSpec, build_teacher
 from ickd.errors import CheckpointError, ConfigError
 from ickd.memory import MemoryBank, Neighbours
 from ickd.methods import Method, StepOutputs, method_class
 from ickd.models import forward_features
-from ickd.registry import Registry
 
-PARADIGMS: Registry[type["Distiller"]] = Registry("paradigm")
 
 
 @dataclass
@@ -60,6 +58,11 @@ def _detached(features: dict[str, Any]) -> dict[str, Any]:
 
 
 class Distiller(nn.Module):
+    #: Whether the network that fills the bank is itself still training (online peers, the student
+    #: or its EMA): then no fill pass before training exists and a frozen bank would keep the first
+    #: epoch's near-random outputs. False for a frozen pre-trained teacher.
+    source_trains: bool = True
+
     def __init__(self, student: nn.Module, method: Method, retrieval: RetrievalSpec | None) -> None:
         super().__init__()
         self.student = student
@@ -192,6 +195,8 @@ class Distiller(nn.Module):
 @PARADIGMS.register("offline")
 class OfflineDistiller(Distiller):
     """A frozen, pre-trained teacher feeds the loss and the bank (also: plain training if no teacher)."""
+
+    source_trains = False
 
     def __init__(self, student, method, retrieval, teacher: nn.Module | None, bank: MemoryBank | None, fill_pass: bool = True):
         super().__init__(student, method, retrieval)
