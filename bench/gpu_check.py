@@ -17,8 +17,8 @@ Subcommands (each prints JSON lines and a table; exit status 1 when a check fail
     .venv/bin/python bench/gpu_check.py correctness --device cpu --smoke      # CPU stand-ins, seconds
 
 On a CPU (``--device cpu``, what ``GPU_CHECK_SMOKE=1`` runs) the CUDA-only parts use stand-ins, and
-each result says which: the graph is :class:`CpuReplayGraphStep` (re-runs the captured body on the
-static inputs, as tests/test_fast_path.py's stand-in), sync detection only checks that the region
+each result says which: the graph is :class:`ickd.engine.cpu_graph.CpuReplayGraphStep` (re-runs the
+captured body on the static inputs; the test suite's stand-in too), sync detection only checks that the region
 runs (a CPU has no device syncs), and memory growth reports the capture count but no bytes.
 Runs are built like bench/throughput.py builds its cells (imported, not copied).
 """
@@ -43,38 +43,12 @@ import throughput as tp  # noqa: E402  (puts the checkout first on sys.path)
 
 from ickd.engine import trainer as trainer_mod  # noqa: E402
 from ickd.engine import step as step_mod  # noqa: E402
-from ickd.engine.step import CudaGraphStep  # noqa: E402
+from ickd.engine.cpu_graph import CpuReplayGraphStep  # noqa: E402
 
 GRAD_REL_TOL = 1e-3
 RECAPTURES = 5
 RECAPTURE_GROWTH_MB = 64.0
 INTERLEAVE_REPEATS = 3
-
-
-# ---------------------------------------------------------------------------------- CPU stand-in
-class _CpuGraph:
-    def __init__(self, step: "CpuReplayGraphStep", epoch: int) -> None:
-        self.step, self.epoch = step, epoch
-
-    def replay(self) -> None:
-        self.step.zero_grad(False)  # a replayed backward writes the gradients in place
-        self.step.outputs = self.step.body(*self.step.static, self.epoch)
-
-
-class CpuReplayGraphStep(CudaGraphStep):
-    """CPU stand-in for CudaGraphStep's two CUDA calls (capture, replay); the rest is the real code."""
-
-    def _warmup(self, x, y, idx, epoch):
-        self.zero_grad(True)
-        out = self.body(x, y, idx, epoch)
-        self.finish()
-        return out
-
-    def _capture(self, x, y, idx, epoch):
-        self.static = (x.clone(), y.clone(), idx.clone())
-        self.zero_grad(True)
-        self.graph = _CpuGraph(self, epoch)
-        self.captures += 1
 
 
 @contextlib.contextmanager

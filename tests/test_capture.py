@@ -13,7 +13,8 @@ from ickd.engine import train
 from ickd.engine import step as step_mod
 from ickd.engine import trainer as trainer_mod
 from tests.helpers import compose_config
-from tests.test_fast_path import ICKD, ReplayingGraphStep, _ReplayGraph, assert_same_curves, assert_same_weights, curve
+from ickd.engine.cpu_graph import ReplayGraph
+from tests.test_fast_path import ICKD, ReplayingGraphStep, assert_same_curves, assert_same_weights, curve
 
 
 class CaptureFails(ReplayingGraphStep):
@@ -25,7 +26,7 @@ class CaptureFails(ReplayingGraphStep):
         raise RuntimeError("operation not permitted when stream is capturing\nsecond line of the cause")
 
 
-class _FailingReplay(_ReplayGraph):
+class _FailingReplay(ReplayGraph):
     def replay(self) -> None:
         super().replay()  # the body ran: meters, BN statistics and the bank were written once...
         raise RuntimeError("CUDA error: an illegal instruction was encountered")  # ...then it failed

@@ -1,10 +1,10 @@
 """The fast path must not change what is learned: the device and classic input pipelines, and the
 CUDA-graph step versus the eager one, give the same training curves on the same seed (CPU, fp32).
 
-CUDA graphs cannot exist on this machine, so the graph tests swap in :class:`ReplayingGraphStep`, a
-stand-in for the two CUDA calls of :class:`ickd.engine.step.CudaGraphStep` (capture and replay) that
-re-runs the captured body on the static inputs, overwriting the gradients as a replayed backward
-does. Everything around it (warm-up, recapture on a new signature, eager fallbacks, gradient
+CUDA graphs cannot exist on this machine, so the graph tests swap in :class:`ReplayingGraphStep`,
+the package's stand-in for the two CUDA calls of :class:`ickd.engine.step.CudaGraphStep` (capture and
+replay; :mod:`ickd.engine.cpu_graph`) that re-runs the captured body on the static inputs,
+overwriting the gradients as a replayed backward does. Everything around it (warm-up, recapture on a new signature, eager fallbacks, gradient
 ownership, in-graph meters) is the real code. The real capture is checked by bench/gpu_check.sh.
 """
 from __future__ import annotations
@@ -15,45 +15,23 @@ import math
 import pytest
 import torch
 
-from ickd import fastpath
 from ickd.engine import train
 from ickd.engine import step as step_mod
 from ickd.engine import trainer as trainer_mod
-from ickd.engine.step import CudaGraphStep, EpochMeters
+from ickd.engine.cpu_graph import CpuReplayGraphStep
+from ickd.engine.step import EpochMeters
 from ickd.errors import ConfigError
 from tests.helpers import compose_config
 
 
-class _ReplayGraph:
-    def __init__(self, step: "ReplayingGraphStep", epoch: int) -> None:
-        self.step, self.epoch = step, epoch
-
-    def replay(self) -> None:
-        self.step.zero_grad(False)  # a replayed backward writes the gradients, it does not add to them
-        with fastpath.simulated_capture():  # the body reads per-epoch device values, as a graph does
-            self.step.outputs = self.step.body(*self.step.static, self.epoch)
-
-
-class ReplayingGraphStep(CudaGraphStep):
-    """CudaGraphStep with its two CUDA calls replaced (see the module docstring)."""
+class ReplayingGraphStep(CpuReplayGraphStep):
+    """The package's CPU stand-in (see the module docstring), registering every instance."""
 
     instances: list["ReplayingGraphStep"] = []
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         ReplayingGraphStep.instances.append(self)
-
-    def _warmup(self, x, y, idx, epoch):
-        self.zero_grad(True)
-        out = self.body(x, y, idx, epoch)
-        self.finish()
-        return out
-
-    def _capture(self, x, y, idx, epoch):
-        self.static = (x.clone(), y.clone(), idx.clone())
-        self.zero_grad(True)
-        self.graph = _ReplayGraph(self, epoch)
-        self.captures += 1
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 checks fail on the faults they are there for, and its wheel bundle installs offline into a Python
 that has only torch.
 
-No GPU here: the CUDA-only checks run with bench/gpu_check.py's CPU stand-ins (the graph is
-``CpuReplayGraphStep``, which re-runs the captured body on the static inputs; sync detection only
+No GPU here: the CUDA-only checks run with CPU stand-ins (the graph is
+``ickd.engine.cpu_graph.CpuReplayGraphStep``, which re-runs the captured body on the static inputs; sync detection only
 exercises the region; recapture memory counts captures, not bytes). The real ones run on a GPU.
 """
 from __future__ import annotations
