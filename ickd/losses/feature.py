@@ -76,6 +76,15 @@ def _check_same_shape(student: Tensor, teacher: Tensor, what: str) -> None:
         )
 
 
+def _check_paired(student: Sequence[Tensor], teacher: Sequence[Tensor], what: str) -> None:
+    """Multi-level losses pair student and teacher maps level by level."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(
+            f"{what} needs equally many (>0) student and teacher maps, got {len(student)} "
+            f"and {len(teacher)}"
+        )
+
+
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
@@ -178,11 +187,7 @@ def at_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], p:
     mdistiller's CIFAR setting: the three stage outputs (``feats[1:]``), ``p = 2``, weight
     :data:`AT_WEIGHT` = 1000, cross-entropy 1.0.
     """
-    if len(student_feats) != len(teacher_feats) or not student_feats:
-        raise ValueError(
-            f"at_loss needs equally many (>0) student and teacher maps, got {len(student_feats)} "
-            f"and {len(teacher_feats)}"
-        )
+    _check_paired(student_feats, teacher_feats, "at_loss")
     total: Tensor | None = None
     for f_s, f_t in zip(student_feats, teacher_feats):
         f_t = f_t.detach()
@@ -557,11 +562,7 @@ def hcl_loss(fstudent: Sequence[Tensor], fteacher: Sequence[Tensor]) -> Tensor:
     :data:`REVIEWKD_WEIGHT` (1.0 in cfg.py, 5.0 in its resnet32x4 -> resnet8x4 config), times a linear
     warm-up ``min(epoch / 20, 1)`` (:data:`REVIEWKD_WARMUP_EPOCHS`; not applied here).
     """
-    if len(fstudent) != len(fteacher) or not fstudent:
-        raise ValueError(
-            f"hcl_loss needs equally many (>0) student and teacher maps, got {len(fstudent)} "
-            f"and {len(fteacher)}"
-        )
+    _check_paired(fstudent, fteacher, "hcl_loss")
     total: Tensor | None = None
     for fs, ft in zip(fstudent, fteacher):
         ft = ft.detach()
