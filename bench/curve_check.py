@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.classic_workers if args.classic_workers is not None else (4 if cuda else 2)
     common = [
         *(tp.FULL_PAIR if pair == "paper" else tp.SMOKE_PAIR), "distill=ickd",
-        "dataset=synthetic", "dataset.kwargs.num_classes=100", f"dataset.kwargs.num_train={num_train}",
-        "dataset.kwargs.num_val=128", "dataset.kwargs.image_size=32", "dataset.kwargs.channels=3",
+        *tp.synthetic_cifar100(num_train),
         f"trainer.batch_size={args.batch}", f"trainer.device={device}", "trainer.progress=off", f"seed={args.seed}",
     ]
     started = time.perf_counter()

@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (  # noqa: E402  (bench/ is not a package)
     FULL_PAIR, SMOKE_PAIR, build_trainer, command_line, compose, environment, pair_label, random_teacher_checkpoint, release,
+    synthetic_cifar100,
 )
 
 from ickd.engine.run import build_data_from_config  # noqa: E402
@@ -130,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     pair = FULL_PAIR if args.full else SMOKE_PAIR
     limit = args.batches_per_epoch or None
-    common = [*pair, "dataset=synthetic", "dataset.kwargs.num_classes=100", f"dataset.kwargs.num_train={args.num_train}",
-              "dataset.kwargs.num_val=128", "dataset.kwargs.image_size=32", "dataset.kwargs.channels=3",
+    common = [*pair, *synthetic_cifar100(args.num_train),
               f"trainer.device={device}", "trainer.progress=off", f"seed={args.seed}", "distill=ickd",
               "trainer.pipeline=device", "trainer.step=auto", "trainer.amp=auto", "trainer.channels_last=auto",
               f"trainer.batch_size={args.batch}", f"trainer.epochs={args.epochs}", f"trainer.max_batches_per_epoch={limit}"

@@ -87,9 +87,7 @@ class Runs:
     def __init__(self, device: torch.device, smoke: bool, num_train: int, folder: Path) -> None:
         self.device, self.folder = device, folder
         pair = tp.SMOKE_PAIR if smoke else tp.FULL_PAIR
-        data = ["dataset=synthetic", "dataset.kwargs.num_classes=100", f"dataset.kwargs.num_train={num_train}",
-                "dataset.kwargs.num_val=64", "dataset.kwargs.image_size=32", "dataset.kwargs.channels=3"]
-        self.common = [*pair, *data, f"trainer.device={device}", "trainer.progress=off", "seed=0"]
+        self.common = [*pair, *tp.synthetic_cifar100(num_train, num_val=64), f"trainer.device={device}", "trainer.progress=off", "seed=0"]
         base = tp.compose(self.common)
         self.pair = tp.pair_label(base)
         self.data = tp.build_data_from_config(base)

@@ -70,8 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def trial_config(args: argparse.Namespace, device: torch.device, teacher_ckpt: str | None) -> dict[str, Any]:
     overrides = [
         *(tp.SMOKE_PAIR if args.smoke else tp.FULL_PAIR),
-        "dataset=synthetic", "dataset.kwargs.num_classes=100", f"dataset.kwargs.num_train={args.num_train}",
-        "dataset.kwargs.num_val=128", "dataset.kwargs.image_size=32", "dataset.kwargs.channels=3",
+        *tp.synthetic_cifar100(args.num_train),
         f"distill={args.method}", f"trainer.batch_size={args.batch}", f"trainer.device={device}",
         "trainer.progress=off", f"seed={args.seed}", *tp.path_overrides(args.path, args.classic_workers),
     ]

@@ -70,6 +70,12 @@ SMOKE_PAIR = [
     "student=resnet8", "+student.kwargs.widths=[4,4,8,16]",
 ]
 
+
+def synthetic_cifar100(num_train: int, num_val: int = 128) -> list[str]:
+    """Overrides of the synthetic CIFAR-100-shaped data (32x32x3, 100 classes) the benchmarks train on."""
+    return ["dataset=synthetic", "dataset.kwargs.num_classes=100", f"dataset.kwargs.num_train={num_train}",
+            f"dataset.kwargs.num_val={num_val}", "dataset.kwargs.image_size=32", "dataset.kwargs.channels=3"]
+
 # Issue targets: (name, what, threshold, comparison).
 TARGETS = (
     ("ickd_fast_b64_images_per_s", "IC-KD fast path images/s at batch 64", 25000.0, ">="),
@@ -351,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     num_train = args.num_train or (1024 if args.smoke else 50000)
     workers = args.classic_workers if args.classic_workers is not None else (2 if args.smoke else 4)
     pair = SMOKE_PAIR if args.smoke else FULL_PAIR
-    data_overrides = ["dataset=synthetic", "dataset.kwargs.num_classes=100", f"dataset.kwargs.num_train={num_train}",
-                      "dataset.kwargs.num_val=128", "dataset.kwargs.image_size=32", "dataset.kwargs.channels=3"]
-    common = [*pair, *data_overrides, f"trainer.device={device}", "trainer.progress=off", f"seed={args.seed}"]
+    common = [*pair, *synthetic_cifar100(num_train), f"trainer.device={device}", "trainer.progress=off", f"seed={args.seed}"]
     cells: list[dict[str, Any]] = []
     distill_cfgs: dict[str, Any] = {}
     started = time.perf_counter()
