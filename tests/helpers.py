@@ -6,6 +6,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ickd.config_store import compose_run_config
+from ickd.engine import Callback
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,19 @@ FAST = [
 
 def compose_config(*overrides: str, base: list[str] | None = None) -> DictConfig:
     return compose_run_config([*(FAST if base is None else base), *overrides])
+
+
+class StopAfter(Callback):
+    """Asks the trainer to stop once epoch ``epochs`` has ended (an interrupted run, for resume tests)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs, self.seen = epochs, 0
+
+    def on_epoch_end(self, epoch, metrics):
+        self.seen = epoch
+
+    def should_stop(self):
+        return self.seen >= self.epochs
 
 
 def run_ickd(*args: str, cwd: Path, timeout: float = 300, check: bool = True):

@@ -13,7 +13,7 @@ import torch
 from ickd.engine import Callback, train
 from ickd.engine import trainer as trainer_mod
 from ickd.errors import CheckpointError
-from tests.helpers import compose_config
+from tests.helpers import StopAfter, compose_config
 
 
 def _metrics(out) -> list[dict]:
@@ -28,17 +28,6 @@ def _assert_same_student(a, b) -> None:
     wa, wb = _load(a)["distiller"]["student"], _load(b)["distiller"]["student"]
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
-
-
-class StopAfter(Callback):
-    def __init__(self, n):
-        self.n, self.epoch = n, 0
-
-    def on_epoch_end(self, epoch, metrics):
-        self.epoch = epoch
-
-    def should_stop(self):
-        return self.epoch >= self.n
 
 
 class CrashAfter(Callback):

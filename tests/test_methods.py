@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from ickd.engine import train
-from ickd.engine.callbacks import Callback
 from ickd.errors import ConfigError
-from ickd.methods import METHODS, Method, StepOutputs, create_method
+from ickd.methods import METHODS, StepOutputs, create_method
 from ickd.models import create_model, forward_features
-from tests.helpers import REPO, compose_config
+from tests.helpers import REPO, StopAfter, compose_config
 
 SMALL = ["trainer.epochs=2", "trainer.max_batches_per_epoch=3", "dataset.kwargs.num_train=256", "dataset.kwargs.num_val=64",
          "trainer.deterministic=true"]
@@ -129,17 +128,8 @@ def test_a_method_with_state_resumes_exactly(tmp_path, teacher_dir):
     straight = tmp_path / "straight"
     train(compose_config(*args), straight)
 
-    class StopAfter(Callback):
-        epoch = 0
-
-        def on_epoch_end(self, epoch, metrics):
-            self.epoch = epoch
-
-        def should_stop(self):
-            return self.epoch >= 1
-
     partial = tmp_path / "partial"
-    assert train(compose_config(*args), partial, callbacks=[StopAfter()])["status"] == "stopped"
+    assert train(compose_config(*args), partial, callbacks=[StopAfter(1)])["status"] == "stopped"
     assert train(compose_config(*args), partial)["resumed_from_epoch"] == 1
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)["distiller"]
     b = torch.load(partial / "checkpoints" / "last.pt", weights_only=False)["distiller"]

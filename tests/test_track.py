@@ -23,7 +23,7 @@ from ickd.track.sync import find_offline_runs
 from ickd.track.wandb_logger import (
     LAST_EPOCH_FILE, RUN_ID_FILE, WandbLogger, flatten, redact, redact_argv, redact_value, resolve_mode,
 )
-from tests.helpers import FAST, REPO, compose_config, run_ickd, wait_for
+from tests.helpers import FAST, REPO, StopAfter, compose_config, run_ickd, wait_for
 
 PLANTED_KEY = "planted-fake-key-123"
 
@@ -207,17 +207,6 @@ def test_ickd_train_logs_metrics_config_and_summary_offline_without_secrets(tmp_
         data = path.read_bytes()
         for planted in (PLANTED_KEY, "hunter2-planted-789", "pw-planted-456"):
             assert planted.encode() not in data, f"{planted} leaked into {path}"
-
-
-class StopAfter(Callback):
-    def __init__(self, epochs: int) -> None:
-        self.epochs, self.seen = epochs, 0
-
-    def on_epoch_end(self, epoch, metrics):
-        self.seen = epoch
-
-    def should_stop(self):
-        return self.seen >= self.epochs
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from ickd.distill import build_distiller
 from ickd.engine import Callback, train
 from ickd.engine.run import build_data_from_config, to_container
 from ickd.errors import CheckpointError, ConfigError, DatasetNotFoundError, NonFiniteLossError, UnknownNameError
-from tests.helpers import REPO, compose_config
+from tests.helpers import REPO, StopAfter, compose_config
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -114,17 +114,6 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, teache
     # Interrupt a second run after epoch 2 (a callback asks to stop), then resume it.
     partial = tmp_path / "partial"
     stopper_cfg = compose_config(*args)
-
-    class StopAfter(Callback):
-        def __init__(self, n):
-            self.n, self.epoch = n, 0
-
-        def on_epoch_end(self, epoch, metrics):
-            self.epoch = epoch
-
-        def should_stop(self):
-            return self.epoch >= self.n
-
     stopped = train(stopper_cfg, partial, callbacks=[StopAfter(2)])
     assert stopped["status"] == "stopped" and stopped["epochs_completed"] == 2
     done = train(compose_config(*args), partial)  # trainer.resume=auto picks up last.pt
