@@ -123,10 +123,7 @@ class EpochMeters:
                 bad = (comp - comp).ne(0)  # x - x is 0 for finite x, NaN for inf and NaN
             else:
                 bad = self.bad_components
-            first = (self.first_bad < 0) & bad.any()
-            self.bad_components.copy_(torch.where(first, bad, self.bad_components))
-            self.first_bad.copy_(torch.where(first, self.step, self.first_bad))
-            self.step.add_(1)
+            self._end_batch(bad)
 
     def _add_per_key(self, total, losses, stats, logits, labels) -> None:
         """The per-key update (``fastpath`` switch ``meters`` off): a few ops per key."""
@@ -136,6 +133,10 @@ class EpochMeters:
         names = list(losses)
         self._check_names(names)
         bad = torch.stack([~torch.isfinite(v.detach().float()).all() for v in losses.values()]) if names else self.bad_components
+        self._end_batch(bad)
+
+    def _end_batch(self, bad: torch.Tensor) -> None:
+        """Record the batch's non-finite components if it is the epoch's first bad batch; count it."""
         first = (self.first_bad < 0) & bad.any()
         self.bad_components.copy_(torch.where(first, bad, self.bad_components))
         self.first_bad.copy_(torch.where(first, self.step, self.first_bad))
